@@ -1,0 +1,1 @@
+"""Helpers shipped with the package for tests: network namespaces, fakes."""
