@@ -1,0 +1,488 @@
+"""The client daemon: a reconnect supervisor around one session at a time.
+
+Task tree:
+
+    run_client
+      ├─ signal watcher
+      ├─ control socket
+      └─ supervisor loop: backoff -> connect (fail_after) -> run the session
+           one nursery per session:
+             ├─ UDP pump       datagrams -> QUIC -> events
+             ├─ QUIC timer
+             ├─ TUN pump       packets -> QUIC datagrams (once the session is up)
+             └─ heartbeat      ping every interval, SessionLost after the timeout
+
+The TUN device and routes are created with the first session and kept across reconnects, so
+applications see a pause, not a vanished interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import socket
+from typing import Any
+
+import trio
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+)
+
+from tunnel.config import ClientConfig, RunOptions
+from tunnel.core.backoff import Backoff
+from tunnel.core.identity import Identity, encode_public_id
+from tunnel.core.messages import (
+    PROTOCOL_VERSION,
+    AuthRequest,
+    AuthResponse,
+    FrameDecoder,
+    Packet,
+    Ping,
+    Pong,
+    ServerHello,
+    auth_transcript,
+)
+from tunnel.daemon.netlink import HostChanges
+from tunnel.daemon.quic import (
+    MAX_DATAGRAM_PAYLOAD,
+    QuicDriver,
+    client_configuration,
+    peer_public_key,
+    smoothed_rtt,
+)
+from tunnel.daemon.runtime import CLEANUP_S, ControlServer, check_ready_fd, notify_ready, \
+    watch_signals
+from tunnel.daemon.session import CONTROL_STREAM, Channel, Drops
+from tunnel.daemon.tun import TunDevice
+from tunnel.daemon.udp import UdpEndpoint, resolve
+from tunnel.errors import (
+    EXIT_TEMPORARY,
+    DecodeError,
+    HandshakeTimeout,
+    IdentityMismatch,
+    PeerRejected,
+    SessionLost,
+    TunnelError,
+)
+from tunnel.keyfile import read_key_file
+
+log = logging.getLogger("tunnel.client")
+
+CLOSE_OK = 0x0
+CLOSE_PROTOCOL = 0x101
+CLOSE_IDENTITY = 0x105
+CLOSE_REJECTED = 0x100  # sent by the server with the reason as phrase
+SERVER_HELLO_STREAM = 3  # the server's first unidirectional stream
+UDP_BATCH = 64
+TUN_BATCH = 64
+UDP_PROTOCOL = 17
+
+
+class GaveUp(TunnelError):
+    """max_reconnect_attempts consecutive attempts failed."""
+
+    exit_code = EXIT_TEMPORARY
+
+
+class ClientSession(Channel):
+    """One QUIC connection to the server, from connect to close."""
+
+    def __init__(self, client: Client, endpoint: UdpEndpoint, server_addr: Any) -> None:
+        quic = QuicConnection(configuration=client_configuration())
+        super().__init__(quic, client.drops)
+        self.client = client
+        self.endpoint = endpoint
+        self.server_addr = server_addr
+        self.driver = QuicDriver(quic, endpoint.send, self._handle_event)
+        self.hello_decoder = FrameDecoder()
+        self.response: AuthResponse | None = None
+        self.failure: TunnelError | None = None
+        self.settled = trio.Event()  # handshake accepted, or failed
+        self.ended = trio.Event()
+        self.last_pong = trio.current_time()
+        self.tun: TunDevice | None = None
+        self.carried_traffic = False
+
+    def _fail(self, error: TunnelError) -> None:
+        if self.failure is None:
+            self.failure = error
+        self.settled.set()
+        self.ended.set()
+
+    def _handle_event(self, event: QuicEvent) -> None:
+        if isinstance(event, DatagramFrameReceived):
+            data = event.data
+            if self.tun is not None:
+                self.bytes_in += len(data)
+                self.packets_in += 1
+                self.tun.write(data)
+        elif isinstance(event, StreamDataReceived):
+            self._stream_data(event)
+        elif isinstance(event, HandshakeCompleted):
+            key = peer_public_key(self.quic)
+            expected = self.client.config.server_id
+            if key != expected:
+                got = encode_public_id(key) if key else "no Ed25519 key"
+                self.quic.close(error_code=CLOSE_IDENTITY, reason_phrase="identity mismatch")
+                self._fail(IdentityMismatch(
+                    f"server identity mismatch: expected {encode_public_id(expected)}, "
+                    f"server presented {got}"))
+        elif isinstance(event, ConnectionTerminated):
+            if event.error_code == CLOSE_REJECTED and self.response is None:
+                self._fail(PeerRejected(f"rejected by server: {event.reason_phrase}"))
+            else:
+                reason = event.reason_phrase or f"code {event.error_code:#x}"
+                self._fail(SessionLost(f"connection closed: {reason}"))
+
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        decoder = self.hello_decoder if event.stream_id == SERVER_HELLO_STREAM else self.decoder
+        try:
+            frames = decoder.feed(event.data)
+        except DecodeError as exc:
+            self.quic.close(error_code=CLOSE_PROTOCOL, reason_phrase="malformed stream")
+            self._fail(SessionLost(f"protocol error from server: {exc}"))
+            return
+        for frame in frames:
+            if isinstance(frame, Packet):
+                if self.tun is not None:
+                    self.bytes_in += len(frame.data)
+                    self.packets_in += 1
+                    self.tun.write(frame.data)
+            elif isinstance(frame, Pong):
+                self.last_pong = trio.current_time()
+            elif isinstance(frame, Ping):
+                self.send_frame(Pong())
+            elif isinstance(frame, ServerHello) and event.stream_id == SERVER_HELLO_STREAM:
+                self._answer_hello(frame)
+            elif isinstance(frame, AuthResponse) and self.response is None:
+                self._auth_response(frame)
+            else:
+                self.quic.close(error_code=CLOSE_PROTOCOL, reason_phrase="unexpected frame")
+                self._fail(SessionLost(f"protocol error: unexpected {type(frame).__name__}"))
+
+    def _answer_hello(self, hello: ServerHello) -> None:
+        identity = self.client.identity
+        transcript = auth_transcript(hello.nonce, self.client.config.server_id,
+                                     identity.public_key, self.client.device_id)
+        self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, hello.max_datagram_payload)
+        self.send_frame(AuthRequest(
+            version=PROTOCOL_VERSION, device_id=self.client.device_id,
+            client_id=identity.public_key, auth_token=self.client.config.auth_token,
+            signature=identity.sign(transcript), max_datagram_payload=MAX_DATAGRAM_PAYLOAD))
+
+    def _auth_response(self, response: AuthResponse) -> None:
+        self.response = response
+        if not response.accepted:
+            self._fail(PeerRejected(f"rejected by server: {response.reject_reason}"))
+            return
+        self.settled.set()
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    async def udp_pump(self) -> None:
+        endpoint, driver = self.endpoint, self.driver
+        while True:
+            await endpoint.wait_readable()
+            now = trio.current_time()
+            for data, addr in endpoint.receive_batch(UDP_BATCH):
+                driver.receive(data, addr, now)
+            driver.pump()
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            self.driver.transmit()
+
+    async def tun_pump(self, tun: TunDevice) -> None:
+        server_packed = self.client.server_packed
+        server_port = self.client.server_port
+        send = self.send_packet
+        while True:
+            await tun.wait_readable()
+            for packet in tun.read_batch(TUN_BATCH):
+                if _is_to_tunnel_port(packet, server_packed, server_port):
+                    # Our own QUIC traffic routed back into the tunnel would loop forever.
+                    self.drops["tunnel_port"] += 1
+                    continue
+                send(packet)
+            self._flush()
+
+    async def heartbeat(self) -> None:
+        interval = self.client.config.heartbeat_interval
+        timeout = self.client.config.heartbeat_timeout
+        self.last_pong = trio.current_time()
+        next_ping = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if now - self.last_pong >= timeout:
+                raise SessionLost(f"no heartbeat answer for {timeout:g} s")
+            if now >= next_ping:
+                self.send_frame(Ping())
+                self._flush()
+                next_ping = now + interval
+            await trio.sleep_until(min(next_ping, self.last_pong + timeout))
+
+    async def connect(self) -> AuthResponse:
+        """QUIC handshake, identity check and tunnel handshake. Returns the accepted response."""
+        self.quic.connect(self.server_addr, now=trio.current_time())
+        self.driver.transmit()
+        await self.settled.wait()
+        if self.failure is not None:
+            self.driver.transmit()  # let a close we decided on reach the server
+            raise self.failure
+        assert self.response is not None
+        return self.response
+
+    async def wait_ended(self) -> None:
+        await self.ended.wait()
+        assert self.failure is not None
+        raise self.failure
+
+    def close(self) -> None:
+        if not self.ended.is_set():
+            self.quic.close(error_code=CLOSE_OK, reason_phrase="client shutting down")
+            self.driver.transmit()
+
+    def status(self) -> dict[str, Any]:
+        rtt = smoothed_rtt(self.quic)
+        started = self.client.session_started_at
+        return {
+            "server_id": encode_public_id(self.client.config.server_id),
+            "remote": _format_addr(self.server_addr),
+            "addresses": self.client.addresses() if self.tun is not None else [],
+            **self.counters(),
+            "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            "uptime": round(trio.current_time() - started, 3) if started else 0.0,
+        }
+
+
+def _format_addr(addr: Any) -> str:
+    host = addr[0]
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+
+
+def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) -> bool:
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 28:
+        if packet[9] != UDP_PROTOCOL or packet[16:20] != server_packed:
+            return False
+        offset = (packet[0] & 0x0F) * 4
+    elif version == 6 and len(packet) >= 48:
+        if packet[6] != UDP_PROTOCOL or packet[24:40] != server_packed:
+            return False
+        offset = 40
+    else:
+        return False
+    return packet[offset + 2:offset + 4] == server_port.to_bytes(2, "big")
+
+
+class Client:
+    """State of the client daemon across sessions."""
+
+    def __init__(self, config: ClientConfig, identity: Identity, options: RunOptions) -> None:
+        self.config = config
+        self.identity = identity
+        self.options = options
+        self.device_id = secrets.randbits(64)
+        self.drops = Drops()
+        self.host = HostChanges()
+        self.tun: TunDevice | None = None
+        self.session: ClientSession | None = None
+        self.response: AuthResponse | None = None
+        self.state = "connecting"
+        self.reconnects = 0
+        self.started_at = trio.current_time()
+        self.session_started_at: float | None = None
+        self.server_addr: Any = None
+        self.server_packed = b""
+        self.server_port = config.server_port
+        self._ready_sent = False
+
+    async def supervise(self) -> None:
+        """Connect, run the session, and on loss reconnect with backoff until told to stop."""
+        backoff = Backoff()
+        failures = 0
+        while True:
+            carried = False
+            try:
+                carried = await self._one_session()
+            except (PeerRejected, IdentityMismatch):
+                raise
+            except (SessionLost, HandshakeTimeout) as exc:
+                log.warning("%s", exc)
+                carried = exc.__dict__.get("carried", False)
+            finally:
+                self.session = None
+            if not self.config.auto_reconnect:
+                raise SessionLost("session lost and auto_reconnect is off")
+            if carried:
+                backoff.reset()
+                failures = 0
+            failures += 1
+            limit = self.config.max_reconnect_attempts
+            if limit is not None and failures > limit:
+                raise GaveUp(f"gave up after {limit} failed reconnect attempts "
+                             f"(max_reconnect_attempts = {limit})")
+            delay = backoff.next_delay()
+            self.state = "reconnecting"
+            log.info("reconnecting in %.1f s (attempt %d)", delay, failures)
+            await trio.sleep(delay)
+            self.reconnects += 1
+
+    async def _one_session(self) -> bool:
+        family, addr = await resolve(self.config.server_host, self.config.server_port,
+                                     key="server")
+        self.server_addr = addr
+        self.server_packed = ipaddress.ip_address(addr[0]).packed
+        endpoint = await UdpEndpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0,
+                                          key="server", family=family)
+        session = ClientSession(self, endpoint, addr)
+        self.session = session
+        self.state = "connecting"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.udp_pump)
+                nursery.start_soon(session.driver.run_timer)
+                try:
+                    with trio.fail_after(self.config.handshake_timeout):
+                        response = await session.connect()
+                except trio.TooSlowError:
+                    raise HandshakeTimeout(
+                        f"no answer from {self.config.server_host}:{self.config.server_port} "
+                        f"within {self.config.handshake_timeout:g} s") from None
+                try:
+                    self._apply(response)
+                    session.tun = self.tun
+                    self.state = "connected"
+                    self.session_started_at = trio.current_time()
+                    log.info("session up: %s via %s", ", ".join(self.addresses()),
+                             self.tun.name if self.tun else "-")
+                    if not self._ready_sent:
+                        self._ready_sent = True
+                        notify_ready(self.options.ready_fd)
+                    nursery.start_soon(session.tun_pump, self.tun)
+                    nursery.start_soon(session.heartbeat)
+                    await session.wait_ended()
+                finally:
+                    session.close()
+        except SessionLost as exc:
+            exc.carried = session.packets_in > 0 and session.packets_out > 0  # type: ignore[attr-defined]
+            raise
+        finally:
+            endpoint.close()
+        return session.packets_in > 0
+
+    def _apply(self, response: AuthResponse) -> None:
+        """Create the TUN device and routes on the first session; update addresses later."""
+        if self.response is not None and _same_addresses(self.response, response):
+            self.response = response
+            return
+        if self.tun is None:
+            mtu = min(self.config.mtu, response.mtu or self.config.mtu)
+            self.tun = TunDevice(self.config.tun_name)
+            self.host.bring_up(self.tun.name, mtu)
+            self._add_addresses(response)
+            self._add_routes(response)
+        else:
+            # The server gave us other addresses (our lease expired): swap them.
+            self.host.undo()
+            self._add_addresses(response)
+            self._add_routes(response)
+        self.response = response
+
+    def _add_addresses(self, response: AuthResponse) -> None:
+        assert self.tun is not None
+        if response.assigned_ip is not None and response.network is not None:
+            self.host.add_address(self.tun.name, response.assigned_ip, response.network.prefixlen)
+        if response.assigned_ip6 is not None and response.network6 is not None:
+            self.host.add_address(self.tun.name, response.assigned_ip6,
+                                  response.network6.prefixlen)
+
+    def _add_routes(self, response: AuthResponse) -> None:
+        assert self.tun is not None
+        wanted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        if response.assigned_ip is not None:
+            wanted += self.config.routes
+        if response.assigned_ip6 is not None:
+            wanted += self.config.routes6
+        server_ip = ipaddress.ip_address(self.server_addr[0])
+        if any(server_ip in net for net in wanted if net.version == server_ip.version):
+            # Keep the path to the server outside the tunnel: a host route through whatever
+            # reaches it now.
+            gateway, oif = self.host.route_to(server_ip)
+            host_net = ipaddress.ip_network(f"{server_ip}/{server_ip.max_prefixlen}")
+            self.host.add_route(host_net, via=gateway, oif=oif)
+        for net in wanted:
+            # A default route is installed as its two halves, which win over the existing
+            # default by being more specific and leave it untouched for our return.
+            halves = list(net.subnets(prefixlen_diff=1)) if net.prefixlen == 0 else [net]
+            for half in halves:
+                self.host.add_route(half, ifname=self.tun.name)
+
+    def addresses(self) -> list[str]:
+        r = self.response
+        if r is None:
+            return []
+        out = []
+        if r.assigned_ip is not None and r.network is not None:
+            out.append(f"{r.assigned_ip}/{r.network.prefixlen}")
+        if r.assigned_ip6 is not None and r.network6 is not None:
+            out.append(f"{r.assigned_ip6}/{r.network6.prefixlen}")
+        return out
+
+    def status(self) -> dict[str, Any]:
+        session = self.session
+        return {
+            "role": "client",
+            "id": self.identity.public_id,
+            "server": f"{self.config.server_host}:{self.config.server_port}",
+            "server_id": encode_public_id(self.config.server_id),
+            "state": self.state,
+            "tun": self.tun.name if self.tun else None,
+            "addresses": self.addresses(),
+            "device_id": self.device_id,
+            "uptime": round(trio.current_time() - self.started_at, 3),
+            "reconnects": self.reconnects,
+            "sessions": [session.status()] if session is not None else [],
+            "drops": dict(self.drops) | ({"tun_write": self.tun.write_drops} if self.tun else {}),
+        }
+
+    def close(self) -> None:
+        self.host.undo()
+        self.host.close()
+        if self.tun is not None:
+            self.tun.close()
+
+
+def _same_addresses(a: AuthResponse, b: AuthResponse) -> bool:
+    return (a.assigned_ip, a.network, a.assigned_ip6, a.network6) == (
+        b.assigned_ip, b.network, b.assigned_ip6, b.network6)
+
+
+async def run_client(config: ClientConfig, options: RunOptions) -> None:
+    """Run the client until SIGTERM/SIGINT, a permanent failure, or giving up."""
+    check_ready_fd(options.ready_fd)
+    identity = read_key_file(config.key_file) if config.key_file else Identity.generate()
+    client = Client(config, identity, options)
+    control = ControlServer(config.control_socket, client.status)
+    try:
+        await control.bind()
+        log.info("client %s connecting to %s:%d", identity.public_id, config.server_host,
+                 config.server_port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals, nursery.cancel_scope, None)
+            nursery.start_soon(control.serve)
+            await client.supervise()
+            nursery.cancel_scope.cancel()
+        log.info("client stopped")
+    finally:
+        with trio.move_on_after(CLEANUP_S, shield=True):
+            control.close()
+            client.close()

@@ -1,0 +1,5 @@
+"""Client side of the control socket (``tunnel status``)."""
+
+from tunnel.daemon.runtime import query_status
+
+__all__ = ["query_status"]

@@ -1,0 +1,130 @@
+"""Addresses, MTU and routes through netlink (pyroute2), with an undo log.
+
+Every change the daemon makes to the host goes through :class:`HostChanges`, which remembers it
+and undoes it in reverse order on ``undo()``. Changes that belong to the TUN device itself
+(its addresses and routes) disappear with the device; routes through other devices (the host
+route that keeps the server reachable) must be removed explicitly, and are.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tunnel.errors import SystemSetupError
+
+log = logging.getLogger("tunnel.netlink")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _family(addr: IPAddress | IPNetwork) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def _quiet_ipv6_autoconf(ifname: str) -> None:
+    """No link-local address, router solicitations or MLD reports on our device: the tunnel
+    carries only the addresses the server assigned, and chatter from others would be counted as
+    spoofed. (A per-namespace sysctl; absent when IPv6 is disabled, which is fine.)"""
+    for name, value in (("addr_gen_mode", "1"), ("accept_ra", "0")):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{ifname}/{name}", "w") as knob:
+                knob.write(value)
+        except OSError as exc:
+            log.debug("%s: cannot set %s: %s", ifname, name, exc.strerror)
+
+
+class HostChanges:
+    """Applies network changes and remembers how to undo each of them."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+        self._undo: list[tuple[str, Callable[[], Any]]] = []
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def _do(self, what: str, action: Callable[[], Any], undo: Callable[[], Any] | None) -> None:
+        try:
+            action()
+        except NetlinkError as exc:
+            raise SystemSetupError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
+        if undo is not None:
+            self._undo.append((what, undo))
+        log.debug("%s", what)
+
+    def link_index(self, ifname: str) -> int:
+        found = self._ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise SystemSetupError(f"no network device named {ifname!r}")
+        return int(found[0])
+
+    def bring_up(self, ifname: str, mtu: int) -> int:
+        """Set the MTU and bring the device up; returns its index."""
+        index = self.link_index(ifname)
+        _quiet_ipv6_autoconf(ifname)
+        self._do(
+            f"set {ifname} mtu {mtu} up",
+            lambda: self._ipr.link("set", index=index, mtu=mtu, state="up"),
+            None,  # the device is ours and goes away with its fd
+        )
+        return index
+
+    def add_address(self, ifname: str, address: IPAddress, prefixlen: int) -> None:
+        index = self.link_index(ifname)
+        kwargs: dict[str, Any] = {"index": index, "address": str(address), "prefixlen": prefixlen}
+        if address.version == 6:
+            # No duplicate address detection on a point-to-point tunnel: the address is usable at
+            # once instead of after a second of DAD.
+            kwargs["flags"] = 0x02  # IFA_F_NODAD
+        self._do(
+            f"add address {address}/{prefixlen} on {ifname}",
+            lambda: self._ipr.addr("add", **kwargs),
+            lambda: self._ipr.addr("del", index=index, address=str(address), prefixlen=prefixlen),
+        )
+
+    def add_route(
+        self, network: IPNetwork, *, ifname: str | None = None, via: str | None = None,
+        oif: int | None = None,
+    ) -> None:
+        spec: dict[str, Any] = {"dst": str(network.network_address), "dst_len": network.prefixlen,
+                                "family": _family(network)}
+        if ifname is not None:
+            spec["oif"] = self.link_index(ifname)
+        if oif is not None:
+            spec["oif"] = oif
+        if via is not None:
+            spec["gateway"] = via
+        desc = f"add route {network}" + (f" via {via}" if via else "") + (
+            f" dev {ifname}" if ifname else "")
+        self._do(desc, lambda: self._ipr.route("add", **spec),
+                 lambda: self._ipr.route("del", **spec))
+
+    def route_to(self, address: IPAddress) -> tuple[str | None, int | None]:
+        """How the kernel reaches ``address`` now: (gateway or None, output interface index)."""
+        try:
+            answer = self._ipr.route("get", dst=str(address))
+        except NetlinkError as exc:
+            raise SystemSetupError(f"no route to {address}: {exc.args[-1]}") from exc
+        if not answer:
+            return None, None
+        msg = answer[0]
+        return msg.get_attr("RTA_GATEWAY"), msg.get_attr("RTA_OIF")
+
+    def undo(self) -> None:
+        """Undo every remembered change, newest first. Errors are logged, not raised: undo runs
+        on the way out, when the device may already be gone and taken its routes with it."""
+        while self._undo:
+            what, action = self._undo.pop()
+            try:
+                action()
+            except NetlinkError as exc:
+                # ENODEV/ESRCH/EADDRNOTAVAIL: it went away with the device already.
+                log.debug("undo %s: %s", what, exc)

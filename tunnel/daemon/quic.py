@@ -1,0 +1,167 @@
+"""aioquic glue: certificates from identities, configurations, and the per-connection driver.
+
+aioquic is sans-IO. A :class:`QuicDriver` owns one ``QuicConnection`` and does the three things
+every user of it must: after any input, hand the produced events to their handler and send the
+produced datagrams; keep exactly one timer armed at ``get_timer()``; never let a remote error
+escape as an exception (aioquic already turns them into ``ConnectionTerminated``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import QuicEvent
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from tunnel.core.identity import Identity
+from tunnel.core.messages import ALPN
+
+log = logging.getLogger("tunnel.quic")
+
+# 1500-byte path minus IPv6 (40) and UDP (8) headers: fits IPv4 and IPv6 underlays.
+MAX_DATAGRAM_SIZE = 1452
+# Bytes a DATAGRAM frame costs inside a 1-RTT packet with 8-byte connection IDs: short header
+# (1 + 8 + 2-byte packet number), AEAD tag (16), frame type (1) and a 2-byte length.
+DATAGRAM_OVERHEAD = 30
+MAX_DATAGRAM_PAYLOAD = MAX_DATAGRAM_SIZE - DATAGRAM_OVERHEAD
+# We accept DATAGRAM frames of any size the peer can fit in a packet.
+MAX_DATAGRAM_FRAME_SIZE = 65535
+IDLE_TIMEOUT = 60.0
+
+Address = Any  # (host, port) or (host, port, flowinfo, scope_id), exactly as the socket reports
+
+
+def certificate_for(identity: Identity) -> tuple[x509.Certificate, Ed25519PrivateKey]:
+    """A self-signed X.509 certificate over the identity's Ed25519 key. Nobody checks its names
+    or dates: the client pins the key itself."""
+    key = Ed25519PrivateKey.from_private_bytes(identity.seed)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.public_id)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, None)
+    )
+    return cert, key
+
+
+def server_configuration(identity: Identity) -> QuicConfiguration:
+    cert, key = certificate_for(identity)
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN],
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=MAX_DATAGRAM_SIZE,
+        idle_timeout=IDLE_TIMEOUT,
+    )
+    config.certificate = cert
+    config.private_key = key
+    return config
+
+
+def client_configuration(server_name: str | None = None) -> QuicConfiguration:
+    # CERT_NONE: the certificate chain means nothing to us; the TLS handshake signature is still
+    # verified, and the key it proves is compared with the pinned server_id after the handshake.
+    return QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        verify_mode=ssl.CERT_NONE,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=MAX_DATAGRAM_SIZE,
+        idle_timeout=IDLE_TIMEOUT,
+        server_name=server_name,
+    )
+
+
+def peer_public_key(quic: QuicConnection) -> bytes | None:
+    """The raw Ed25519 key of the peer's certificate, or None (no certificate, or not Ed25519).
+
+    aioquic keeps the peer certificate in a private attribute of its TLS context; this is the
+    one place that reaches for it.
+    """
+    cert = getattr(quic.tls, "_peer_certificate", None)
+    if cert is None:
+        return None
+    try:
+        return cert.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    except (ValueError, TypeError):
+        return None
+
+
+def smoothed_rtt(quic: QuicConnection) -> float | None:
+    """QUIC's smoothed RTT estimate in seconds (None before the first sample)."""
+    loss = getattr(quic, "_loss", None)
+    if loss is None or not getattr(loss, "_rtt_initialized", False):
+        return None
+    return float(loss._rtt_smoothed)
+
+
+class QuicDriver:
+    """Drives one QuicConnection: events out to ``handle_event``, datagrams out through ``send``,
+    and one timer task (:meth:`run_timer`) that must run in the owning session's nursery."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        send: Callable[[bytes, Address], None],
+        handle_event: Callable[[QuicEvent], None],
+    ) -> None:
+        self.quic = quic
+        self._send = send
+        self._handle_event = handle_event
+        self._timer_scope: trio.CancelScope | None = None
+
+    def receive(self, data: bytes, addr: Address, now: float) -> None:
+        """Feed one UDP datagram. Call :meth:`pump` once after a batch of these."""
+        self.quic.receive_datagram(data, addr, now)
+
+    def pump(self) -> None:
+        """Deliver pending events, then send whatever the connection has to send."""
+        quic = self.quic
+        handle = self._handle_event
+        event = quic.next_event()
+        while event is not None:
+            handle(event)
+            event = quic.next_event()
+        self.transmit()
+
+    def transmit(self) -> None:
+        send = self._send
+        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
+            send(data, addr)
+        scope = self._timer_scope
+        if scope is not None:
+            timer = self.quic.get_timer()
+            scope.deadline = math.inf if timer is None else timer
+
+    async def run_timer(self) -> None:
+        """Fire aioquic's timer whenever it is due. Runs until cancelled."""
+        while True:
+            timer = self.quic.get_timer()
+            with trio.CancelScope(deadline=math.inf if timer is None else timer) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            timer = self.quic.get_timer()
+            now = trio.current_time()
+            if timer is not None and now >= timer:
+                self.quic.handle_timer(now)
+                self.pump()

@@ -1,0 +1,485 @@
+"""The server daemon: one UDP endpoint, one TUN device, many client sessions.
+
+Task tree (every task lives in a nursery; cancelling the top tears everything down):
+
+    run_server
+      ├─ signal watcher            SIGTERM/SIGINT -> graceful stop, SIGHUP -> reload
+      ├─ control socket            `tunnel status`
+      ├─ UDP pump                  datagrams -> connection by destination CID
+      ├─ TUN pump                  packets -> session by destination address
+      ├─ lease reaper              returns expired leases to the pools
+      └─ one task per session, owning a nursery with
+           ├─ QUIC timer
+           └─ handshake deadline, then the wait for the connection to end
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    QuicEvent,
+    StreamDataReceived,
+)
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+
+from tunnel.config import RunOptions, ServerConfig, load_server_config
+from tunnel.core.authority import Authority, Lease
+from tunnel.core.identity import Identity, encode_public_id
+from tunnel.core.ippool import AddressPool
+from tunnel.core.messages import (
+    PROTOCOL_VERSION,
+    AuthRequest,
+    AuthResponse,
+    Packet,
+    Ping,
+    Pong,
+    ServerHello,
+    encode_frame,
+)
+from tunnel.core.tokens import TokenSet
+from tunnel.errors import DecodeError, TunnelError
+from tunnel.keyfile import read_key_file
+from tunnel.daemon.netlink import HostChanges
+from tunnel.daemon.quic import (
+    MAX_DATAGRAM_PAYLOAD,
+    QuicDriver,
+    server_configuration,
+    smoothed_rtt,
+)
+from tunnel.daemon.runtime import (
+    CLEANUP_S,
+    ControlServer,
+    check_ready_fd,
+    notify_ready,
+    watch_signals,
+)
+from tunnel.daemon.session import CONTROL_STREAM, Channel, Drops, SessionLog
+from tunnel.daemon.tun import TunDevice
+from tunnel.daemon.udp import UdpEndpoint
+
+log = logging.getLogger("tunnel.server")
+
+# QUIC application error codes we close with.
+CLOSE_OK = 0x0
+CLOSE_REJECTED = 0x100
+CLOSE_PROTOCOL = 0x101
+CLOSE_HANDSHAKE_TIMEOUT = 0x102
+CLOSE_REPLACED = 0x103
+CLOSE_SHUTDOWN = 0x104
+SMALLEST_INITIAL = 1200
+UDP_BATCH = 64
+TUN_BATCH = 64
+
+
+def _short(client_id: bytes | None) -> str:
+    return encode_public_id(client_id)[:12] if client_id else "-"
+
+
+class ServerSession(Channel):
+    """One client connection, from its first Initial to its close."""
+
+    def __init__(self, server: Server, quic: QuicConnection, remote: Any) -> None:
+        super().__init__(quic, Drops())
+        self.server = server
+        self.remote = remote
+        self.driver = QuicDriver(quic, server.endpoint.send, self._handle_event)
+        self.nonce = secrets.token_bytes(32)
+        self.client_id: bytes | None = None
+        self.device_id: int | None = None
+        self.lease: Lease | None = None
+        self.own_sources: frozenset[bytes] = frozenset()
+        self.established = trio.Event()
+        self.closed = trio.Event()
+        self.started_at = trio.current_time()
+        self.log = SessionLog(log, {"client": "-"})
+        self._hello_sent = False
+
+    # -- events (called synchronously from the UDP pump or the timer) --------------------------
+
+    def _handle_event(self, event: QuicEvent) -> None:
+        if isinstance(event, DatagramFrameReceived):
+            if self.lease is not None:
+                self.server.packet_from_client(self, event.data)
+            else:
+                self.drops["not_established"] += 1
+        elif isinstance(event, StreamDataReceived):
+            self._stream_data(event)
+        elif isinstance(event, ConnectionIdIssued):
+            self.server.cids[event.connection_id] = self
+        elif isinstance(event, ConnectionIdRetired):
+            self.server.cids.pop(event.connection_id, None)
+        elif isinstance(event, ConnectionTerminated):
+            if event.error_code not in (CLOSE_OK, CLOSE_SHUTDOWN):
+                self.log.info("connection closed: %s (code %#x)", event.reason_phrase or "-",
+                              event.error_code)
+            else:
+                self.log.info("connection closed by peer")
+            self.closed.set()
+
+    def send_hello(self) -> None:
+        """Our nonce goes out on the first server-initiated stream, with the handshake flight."""
+        if self._hello_sent:
+            return
+        self._hello_sent = True
+        stream_id = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        hello = ServerHello(version=PROTOCOL_VERSION, nonce=self.nonce,
+                            max_datagram_payload=MAX_DATAGRAM_PAYLOAD)
+        self.quic.send_stream_data(stream_id, encode_frame(hello))
+
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        if event.stream_id != CONTROL_STREAM:
+            self.close(CLOSE_PROTOCOL, "unexpected stream")
+            return
+        try:
+            frames = self.decoder.feed(event.data)
+        except DecodeError as exc:
+            self.log.warning("protocol error on control stream: %s", exc)
+            self.close(CLOSE_PROTOCOL, "malformed control stream")
+            return
+        for frame in frames:
+            if isinstance(frame, Packet):
+                if self.lease is None:
+                    self.drops["not_established"] += 1
+                else:
+                    self.server.packet_from_client(self, frame.data)
+            elif isinstance(frame, Ping):
+                self.send_frame(Pong())
+            elif isinstance(frame, AuthRequest) and self.client_id is None:
+                self._authenticate(frame)
+            elif isinstance(frame, Pong):
+                pass
+            else:
+                self.close(CLOSE_PROTOCOL, f"unexpected {type(frame).__name__}")
+                return
+
+    def _authenticate(self, request: AuthRequest) -> None:
+        self.client_id, self.device_id = request.client_id, request.device_id
+        self.log = SessionLog(log, {"client": _short(request.client_id)})
+        admission = self.server.authority.authorize(
+            request, nonce=self.nonce, now=trio.current_time())
+        response: AuthResponse = admission.response
+        self.send_frame(response)
+        if not response.accepted:
+            self.server.auth_failures += 1
+            self.log.warning("rejected from %s: %s", _format_addr(self.remote),
+                             response.reject_reason)
+            self.close(CLOSE_REJECTED, response.reject_reason or "rejected")
+            return
+        self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload)
+        self.lease = admission.lease
+        assert self.lease is not None
+        self.own_sources = frozenset(a.packed for a in self.lease.addresses)
+        self.server.attach(self)
+        self.log.info("session up from %s: %s (device %016x)", _format_addr(self.remote),
+                      ", ".join(str(a) for a in self.lease.addresses), request.device_id)
+        self.established.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.quic.close(error_code=code, reason_phrase=reason)
+        self.dirty = True
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Owns the session's tasks; returns when the connection has ended, cleaned up."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.driver.run_timer)
+                with trio.move_on_after(self.server.config.handshake_timeout):
+                    await self.established.wait()
+                if not self.established.is_set() and not self.closed.is_set():
+                    self.log.info("handshake from %s not completed in time: dropped",
+                                  _format_addr(self.remote))
+                    self.close(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout")
+                    self.driver.transmit()
+                await self.closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if not self.closed.is_set():
+                # Cancelled (server shutting down): tell the client now, not at its timeout.
+                self.close(CLOSE_SHUTDOWN, "server shutting down")
+                self.driver.transmit()
+            self.server.detach(self)
+
+    def status(self) -> dict[str, Any]:
+        rtt = smoothed_rtt(self.quic)
+        return {
+            "client_id": encode_public_id(self.client_id) if self.client_id else None,
+            "device_id": self.device_id,
+            "addresses": [str(a) for a in self.lease.addresses] if self.lease else [],
+            "remote": _format_addr(self.remote),
+            **self.counters(),
+            "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            "uptime": round(trio.current_time() - self.started_at, 3),
+            "drops": dict(self.drops),
+        }
+
+
+def _format_addr(addr: Any) -> str:
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """State shared by the server's tasks. Created and run by :func:`run_server`."""
+
+    def __init__(self, config: ServerConfig, identity: Identity, endpoint: UdpEndpoint,
+                 tun: Any, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.identity = identity
+        self.endpoint = endpoint
+        self.tun = tun
+        self.quic_config = server_configuration(identity)
+        self.authority = _authority(config, identity)
+        self.cids: dict[bytes, ServerSession] = {}
+        self.routes: dict[bytes, ServerSession] = {}  # tunnel address (packed) -> session
+        self.sessions: set[ServerSession] = set()
+        self.drops = Drops()
+        self.auth_failures = 0
+        self.started_at = trio.current_time()
+        self.lease_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- the UDP pump ---------------------------------------------------------------------------
+
+    async def udp_pump(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        endpoint = self.endpoint
+        while True:
+            await endpoint.wait_readable()
+            now = trio.current_time()
+            touched: set[ServerSession] = set()
+            for data, addr in endpoint.receive_batch(UDP_BATCH):
+                session = self._route_datagram(data, addr, now)
+                if session is not None:
+                    touched.add(session)
+            for session in touched:
+                session.driver.pump()
+            self.flush()
+
+    def _route_datagram(self, data: bytes, addr: Any, now: float) -> ServerSession | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            self.drops["udp_garbage"] += 1
+            return None
+        session = self.cids.get(header.destination_cid)
+        if session is not None:
+            session.driver.receive(data, addr, now)
+            return session
+        if header.version is not None and header.version not in self.quic_config.supported_versions:
+            if header.packet_type != QuicPacketType.VERSION_NEGOTIATION:
+                self.endpoint.send(encode_quic_version_negotiation(
+                    source_cid=header.destination_cid, destination_cid=header.source_cid,
+                    supported_versions=self.quic_config.supported_versions), addr)
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
+            self.drops["udp_unknown_connection"] += 1
+            return None
+        quic = QuicConnection(configuration=self.quic_config,
+                              original_destination_connection_id=header.destination_cid)
+        session = ServerSession(self, quic, addr)
+        self.cids[header.destination_cid] = session
+        self.cids[quic.host_cid] = session
+        self.sessions.add(session)
+        session.driver.receive(data, addr, now)
+        session.send_hello()
+        assert self._nursery is not None
+        self._nursery.start_soon(session.run)
+        return session
+
+    # -- packets between sessions and the TUN ---------------------------------------------------
+
+    def packet_from_client(self, session: ServerSession, packet: bytes) -> None:
+        """Hot path: a packet arrived from ``session``'s client."""
+        session.bytes_in += len(packet)
+        session.packets_in += 1
+        version = packet[0] >> 4 if packet else 0
+        if version == 4 and len(packet) >= 20:
+            src, dst = packet[12:16], packet[16:20]
+        elif version == 6 and len(packet) >= 40:
+            src, dst = packet[8:24], packet[24:40]
+        else:
+            session.drops["malformed"] += 1
+            self.drops["malformed"] += 1
+            return
+        if src not in session.own_sources:
+            session.drops["spoofed_source"] += 1
+            self.drops["spoofed_source"] += 1
+            return
+        peer = self.routes.get(dst)
+        if peer is not None:
+            if not self.config.client_to_client:
+                self.drops["client_to_client"] += 1
+                return
+            peer.send_packet(packet)
+            return
+        self.tun.write(packet)
+
+    async def tun_pump(self) -> None:
+        tun = self.tun
+        routes = self.routes
+        drops = self.drops
+        while True:
+            await tun.wait_readable()
+            for packet in tun.read_batch(TUN_BATCH):
+                version = packet[0] >> 4 if packet else 0
+                if version == 4:
+                    dst = packet[16:20]
+                elif version == 6:
+                    dst = packet[24:40]
+                else:
+                    drops["malformed"] += 1
+                    continue
+                session = routes.get(dst)
+                if session is None:
+                    drops["no_route"] += 1
+                    continue
+                session.send_packet(packet)
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what every touched session has queued."""
+        for session in self.sessions:
+            if session.dirty:
+                session.dirty = False
+                session.driver.transmit()
+
+    # -- session bookkeeping --------------------------------------------------------------------
+
+    def attach(self, session: ServerSession) -> None:
+        assert session.lease is not None
+        for packed in session.own_sources:
+            previous = self.routes.get(packed)
+            if previous is not None and previous is not session:
+                # The same client and device came back before we noticed the old one die.
+                previous.log.info("replaced by a new session")
+                previous.close(CLOSE_REPLACED, "replaced by a new session")
+            self.routes[packed] = session
+
+    def detach(self, session: ServerSession) -> None:
+        self.sessions.discard(session)
+        for cid in [cid for cid, s in self.cids.items() if s is session]:
+            del self.cids[cid]
+        for packed in session.own_sources:
+            if self.routes.get(packed) is session:
+                del self.routes[packed]
+        if session.lease is not None and all(
+            self.routes.get(p) is not session for p in session.own_sources
+        ) and not any(s.lease is session.lease for s in self.sessions):
+            self.authority.release(session.lease.owner, now=trio.current_time())
+            self.lease_changed.set()
+
+    async def lease_reaper(self) -> None:
+        while True:
+            expiry = self.authority.next_expiry()
+            self.lease_changed = trio.Event()
+            with trio.move_on_at(math.inf if expiry is None else expiry):
+                await self.lease_changed.wait()
+            for lease in self.authority.expire(trio.current_time()):
+                log.debug("lease of %s expired", ", ".join(str(a) for a in lease.addresses))
+
+    def reload(self) -> None:
+        """SIGHUP: re-read tokens and allowed_clients; keep everything else and every session."""
+        path = self.config_path
+        if path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            fresh = load_server_config(path)
+        except TunnelError as exc:
+            log.error("SIGHUP: %s; keeping the running configuration", exc)
+            return
+        self.authority.reload(tokens=TokenSet(fresh.auth_tokens),
+                              allowed_clients=fresh.allowed_clients)
+        log.info("SIGHUP: reloaded %d token(s) and allowed_clients", len(fresh.auth_tokens))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "server",
+            "id": self.identity.public_id,
+            "listen": _format_addr(self.endpoint.local_address),
+            "tun": self.tun.name,
+            "uptime": round(trio.current_time() - self.started_at, 3),
+            "pid": os.getpid(),
+            "sessions": [s.status() for s in self.sessions if s.lease is not None],
+            "pending_handshakes": sum(1 for s in self.sessions if s.lease is None),
+            "auth_failures": self.auth_failures,
+            "drops": dict(self.drops) | {"tun_write": self.tun.write_drops},
+        }
+
+
+def _authority(config: ServerConfig, identity: Identity) -> Authority:
+    return Authority(
+        server_key=identity.public_key,
+        tokens=TokenSet(config.auth_tokens),
+        allowed_clients=config.allowed_clients,
+        max_clients=config.max_clients,
+        pool4=AddressPool(config.network, config.server_ip, key="network")
+        if config.network is not None else None,
+        pool6=AddressPool(config.network6, config.server_ip6, key="network6")
+        if config.network6 is not None else None,
+        mtu=config.mtu,
+        lease_grace=config.lease_grace,
+    )
+
+
+async def run_server(config: ServerConfig, options: RunOptions) -> None:
+    """Run the server until SIGTERM/SIGINT (or until cancelled)."""
+    check_ready_fd(options.ready_fd)
+    identity = read_key_file(config.key_file)
+    host_changes = HostChanges()
+    tun = TunDevice(config.tun_name)
+    endpoint: UdpEndpoint | None = None
+    control: ControlServer | None = None
+    try:
+        endpoint = await UdpEndpoint.bind(config.listen_host, config.listen_port, key="listen")
+        server = Server(config, identity, endpoint, tun, options.config_path)
+        host_changes.bring_up(tun.name, config.mtu)
+        for pool in (server.authority.pool4, server.authority.pool6):
+            if pool is not None:
+                host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
+        control = ControlServer(config.control_socket, server.status)
+        await control.bind()
+        log.info("server %s listening on %s, %s up (%s)", identity.public_id,
+                 _format_addr(endpoint.local_address), tun.name,
+                 ", ".join(f"{p.server_ip}/{p.network.prefixlen}"
+                           for p in (server.authority.pool4, server.authority.pool6) if p is not None))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals, nursery.cancel_scope, server.reload)
+            nursery.start_soon(control.serve)
+            nursery.start_soon(server.udp_pump, nursery)
+            nursery.start_soon(server.tun_pump)
+            nursery.start_soon(server.lease_reaper)
+            notify_ready(options.ready_fd)
+        log.info("server stopped")
+    finally:
+        with trio.move_on_after(CLEANUP_S, shield=True):
+            if control is not None:
+                control.close()
+            if endpoint is not None:
+                endpoint.close()
+            host_changes.undo()
+            host_changes.close()
+            tun.close()
+

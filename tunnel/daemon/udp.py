@@ -1,0 +1,108 @@
+"""A non-blocking UDP socket driven by trio's readiness notifications.
+
+The pumps drain the socket until it would block and send without awaiting: UDP has no
+backpressure worth waiting for, and QUIC recovers what a full send buffer drops.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from typing import Any
+
+import trio
+
+from tunnel.errors import SystemSetupError
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+RECV_SIZE = 65535
+
+
+async def resolve(host: str, port: int, *, key: str) -> tuple[int, Any]:
+    """(family, sockaddr) for host:port; the error names the config ``key``."""
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise SystemSetupError(f"{key}: cannot resolve {host!r}: {exc.strerror}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+class UdpEndpoint:
+    """One bound UDP socket. Use :meth:`bind` to create."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.local_address = sock.getsockname()
+        self.send_drops = 0
+
+    @classmethod
+    async def bind(cls, host: str, port: int, *, key: str, family: int | None = None
+                   ) -> UdpEndpoint:
+        if family is None:
+            family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
+            if host not in ("", "::", "0.0.0.0") and not _is_literal(host):
+                family, sockaddr = await resolve(host, port, key=key)
+                host = sockaddr[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            if family == socket.AF_INET6:
+                # "[::]" serves IPv4 clients too (as v4-mapped addresses).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise SystemSetupError(f"{key}: [{host}]:{port} is already in use") from exc
+            raise SystemSetupError(f"{key}: cannot bind [{host}]:{port}: {exc.strerror}") from exc
+        return cls(sock)
+
+    @property
+    def family(self) -> int:
+        return self.sock.family
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def receive_batch(self, limit: int) -> list[tuple[bytes, Any]]:
+        """Up to ``limit`` datagrams that are already waiting; never blocks."""
+        batch = []
+        recvfrom = self.sock.recvfrom
+        try:
+            for _ in range(limit):
+                batch.append(recvfrom(RECV_SIZE))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            # ICMP errors surface as ECONNREFUSED & co on the next call: not ours to act on;
+            # QUIC notices a dead peer by itself.
+            pass
+        return batch
+
+    def send(self, data: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            # Full buffer (EAGAIN), unreachable network, ...: the datagram is lost like on a
+            # congested link, and QUIC's loss recovery handles it.
+            self.send_drops += 1
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(host: str) -> bool:
+    return ":" in host or host == ""
