@@ -48,7 +48,7 @@ from tunnel.core.messages import (
     ServerHello,
     auth_transcript,
 )
-from tunnel.daemon.netlink import HostChanges
+from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     QuicDriver,
@@ -56,11 +56,17 @@ from tunnel.daemon.quic import (
     peer_public_key,
     smoothed_rtt,
 )
-from tunnel.daemon.runtime import CLEANUP_S, ControlServer, check_ready_fd, notify_ready, \
-    watch_signals
-from tunnel.daemon.session import CONTROL_STREAM, Channel, Drops
+from tunnel.daemon.runtime import (
+    CLEANUP_S,
+    ControlServer,
+    check_ready_fd,
+    lone_errors_unwrapped,
+    notify_ready,
+    watch_signals,
+)
+from tunnel.daemon.session import Channel, Drops
 from tunnel.daemon.tun import TunDevice
-from tunnel.daemon.udp import UdpEndpoint, resolve
+from tunnel.daemon.udp import UdpEndpoint
 from tunnel.errors import (
     EXIT_TEMPORARY,
     DecodeError,
@@ -286,13 +292,16 @@ def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) ->
 class Client:
     """State of the client daemon across sessions."""
 
-    def __init__(self, config: ClientConfig, identity: Identity, options: RunOptions) -> None:
+    def __init__(self, config: ClientConfig, identity: Identity, options: RunOptions,
+                 platform: Platform = SYSTEM) -> None:
         self.config = config
         self.identity = identity
         self.options = options
+        self.platform = platform
         self.device_id = secrets.randbits(64)
         self.drops = Drops()
-        self.host = HostChanges()
+        self.host = platform.host_changes()
+        self.connected = trio.Event()  # set by the first established session
         self.tun: TunDevice | None = None
         self.session: ClientSession | None = None
         self.response: AuthResponse | None = None
@@ -303,26 +312,30 @@ class Client:
         self.server_addr: Any = None
         self.server_packed = b""
         self.server_port = config.server_port
-        self._ready_sent = False
 
     async def supervise(self) -> None:
-        """Connect, run the session, and on loss reconnect with backoff until told to stop."""
+        """Connect, run the session, and on loss reconnect with backoff until told to stop.
+
+        Rejections and identity mismatches end the daemon (they will not get better by
+        retrying); anything that means "the session is gone" leads to another attempt.
+        """
         backoff = Backoff()
         failures = 0
         while True:
-            carried = False
+            session: ClientSession | None = None
             try:
-                carried = await self._one_session()
-            except (PeerRejected, IdentityMismatch):
-                raise
+                session = await self._open_session()
+                await self._run_session(session)
             except (SessionLost, HandshakeTimeout) as exc:
                 log.warning("%s", exc)
-                carried = exc.__dict__.get("carried", False)
             finally:
+                if session is not None:
+                    session.endpoint.close()
                 self.session = None
             if not self.config.auto_reconnect:
                 raise SessionLost("session lost and auto_reconnect is off")
-            if carried:
+            if session is not None and session.packets_in > 0 and session.packets_out > 0:
+                # The session carried traffic: start over as if it were the first failure.
                 backoff.reset()
                 failures = 0
             failures += 1
@@ -336,17 +349,20 @@ class Client:
             await trio.sleep(delay)
             self.reconnects += 1
 
-    async def _one_session(self) -> bool:
-        family, addr = await resolve(self.config.server_host, self.config.server_port,
-                                     key="server")
+    async def _open_session(self) -> ClientSession:
+        family, addr = await self.platform.resolve(self.config.server_host,
+                                                   self.config.server_port, key="server")
         self.server_addr = addr
         self.server_packed = ipaddress.ip_address(addr[0]).packed
-        endpoint = await UdpEndpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0,
-                                          key="server", family=family)
-        session = ClientSession(self, endpoint, addr)
-        self.session = session
+        endpoint = await self.platform.open_udp(
+            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family)
+        self.session = ClientSession(self, endpoint, addr)
         self.state = "connecting"
-        try:
+        return self.session
+
+    async def _run_session(self, session: ClientSession) -> None:
+        """One session's nursery: returns never, raises SessionLost (or a permanent error)."""
+        with lone_errors_unwrapped():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.udp_pump)
                 nursery.start_soon(session.driver.run_timer)
@@ -364,20 +380,14 @@ class Client:
                     self.session_started_at = trio.current_time()
                     log.info("session up: %s via %s", ", ".join(self.addresses()),
                              self.tun.name if self.tun else "-")
-                    if not self._ready_sent:
-                        self._ready_sent = True
+                    if not self.connected.is_set():
+                        self.connected.set()
                         notify_ready(self.options.ready_fd)
                     nursery.start_soon(session.tun_pump, self.tun)
                     nursery.start_soon(session.heartbeat)
                     await session.wait_ended()
                 finally:
                     session.close()
-        except SessionLost as exc:
-            exc.carried = session.packets_in > 0 and session.packets_out > 0  # type: ignore[attr-defined]
-            raise
-        finally:
-            endpoint.close()
-        return session.packets_in > 0
 
     def _apply(self, response: AuthResponse) -> None:
         """Create the TUN device and routes on the first session; update addresses later."""
@@ -386,7 +396,7 @@ class Client:
             return
         if self.tun is None:
             mtu = min(self.config.mtu, response.mtu or self.config.mtu)
-            self.tun = TunDevice(self.config.tun_name)
+            self.tun = self.platform.open_tun(self.config.tun_name)
             self.host.bring_up(self.tun.name, mtu)
             self._add_addresses(response)
             self._add_routes(response)

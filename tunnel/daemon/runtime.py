@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -9,7 +10,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,28 @@ log = logging.getLogger("tunnel")
 # How long cleanup on the way out may take before we give up on it.
 CLEANUP_S = 2.0
 CONTROL_REQUEST_MAX = 1024
+
+
+def _lone_tunnel_error(group: BaseExceptionGroup) -> TunnelError | None:
+    if len(group.exceptions) != 1:
+        return None
+    inner = group.exceptions[0]
+    if isinstance(inner, BaseExceptionGroup):
+        return _lone_tunnel_error(inner)
+    return inner if isinstance(inner, TunnelError) else None
+
+
+@contextlib.contextmanager
+def lone_errors_unwrapped() -> Iterator[None]:
+    """Let a single TunnelError out of the nurseries inside as itself, so callers can catch
+    ``SessionLost`` or ``PeerRejected`` by type. Anything else stays grouped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        lone = _lone_tunnel_error(group)
+        if lone is None:
+            raise
+        raise lone from None
 
 
 def notify_ready(ready_fd: int | None) -> None:

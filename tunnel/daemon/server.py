@@ -54,9 +54,7 @@ from tunnel.core.messages import (
     encode_frame,
 )
 from tunnel.core.tokens import TokenSet
-from tunnel.errors import DecodeError, TunnelError
-from tunnel.keyfile import read_key_file
-from tunnel.daemon.netlink import HostChanges
+from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     QuicDriver,
@@ -71,8 +69,9 @@ from tunnel.daemon.runtime import (
     watch_signals,
 )
 from tunnel.daemon.session import CONTROL_STREAM, Channel, Drops, SessionLog
-from tunnel.daemon.tun import TunDevice
 from tunnel.daemon.udp import UdpEndpoint
+from tunnel.errors import DecodeError, TunnelError
+from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.server")
 
@@ -260,6 +259,15 @@ class Server:
         self.lease_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run the pumps (and every session under them) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.udp_pump, nursery)
+            nursery.start_soon(self.tun_pump)
+            nursery.start_soon(self.lease_reaper)
+            task_status.started()
+
     # -- the UDP pump ---------------------------------------------------------------------------
 
     async def udp_pump(self, nursery: trio.Nursery) -> None:
@@ -444,16 +452,17 @@ def _authority(config: ServerConfig, identity: Identity) -> Authority:
     )
 
 
-async def run_server(config: ServerConfig, options: RunOptions) -> None:
+async def run_server(config: ServerConfig, options: RunOptions,
+                     platform: Platform = SYSTEM) -> None:
     """Run the server until SIGTERM/SIGINT (or until cancelled)."""
     check_ready_fd(options.ready_fd)
     identity = read_key_file(config.key_file)
-    host_changes = HostChanges()
-    tun = TunDevice(config.tun_name)
+    host_changes = platform.host_changes()
+    tun = platform.open_tun(config.tun_name)
     endpoint: UdpEndpoint | None = None
     control: ControlServer | None = None
     try:
-        endpoint = await UdpEndpoint.bind(config.listen_host, config.listen_port, key="listen")
+        endpoint = await platform.open_udp(config.listen_host, config.listen_port, key="listen")
         server = Server(config, identity, endpoint, tun, options.config_path)
         host_changes.bring_up(tun.name, config.mtu)
         for pool in (server.authority.pool4, server.authority.pool6):
@@ -468,9 +477,7 @@ async def run_server(config: ServerConfig, options: RunOptions) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals, nursery.cancel_scope, server.reload)
             nursery.start_soon(control.serve)
-            nursery.start_soon(server.udp_pump, nursery)
-            nursery.start_soon(server.tun_pump)
-            nursery.start_soon(server.lease_reaper)
+            await nursery.start(server.run)
             notify_ready(options.ready_fd)
         log.info("server stopped")
     finally:

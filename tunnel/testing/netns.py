@@ -357,10 +357,14 @@ class Daemon:
 
     def terminate(self) -> None:
         """Send SIGTERM (no-op once it has exited)."""
+        if self.process.returncode is None:
+            log.debug("[%s] SIGTERM", self.name)
         self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """Send SIGKILL (no-op once it has exited)."""
+        if self.process.returncode is None:
+            log.debug("[%s] SIGKILL", self.name)
         self.process.send_signal(signal.SIGKILL)
 
     async def wait(self) -> int:

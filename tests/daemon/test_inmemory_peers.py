@@ -1,0 +1,305 @@
+"""Server and client daemons run against each other in one process: fake UDP network, fake
+TUN devices, virtual time. Everything above the kernel is the real code."""
+
+from __future__ import annotations
+
+import ipaddress
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from tunnel.config import RunOptions, client_config_from_dict, server_config_from_dict
+from tunnel.core.identity import Identity
+from tunnel.core.ippacket import build_ipv4_udp, build_ipv6_udp
+from tunnel.core.tokens import new_token
+from tunnel.daemon.client import Client, GaveUp
+from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD
+from tunnel.daemon.server import Server
+from tunnel.errors import IdentityMismatch, PeerRejected
+from tunnel.testing.fakes import FakeNetwork, FakePlatform, FakeTun
+
+SERVER_ADDR = ("192.0.2.1", 4433)
+TOKEN = new_token()
+SERVER_IDENTITY = Identity.generate()
+
+
+def v4(text: str) -> bytes:
+    return ipaddress.IPv4Address(text).packed
+
+
+def v6(text: str) -> bytes:
+    return ipaddress.IPv6Address(text).packed
+
+
+def server_config(**overrides):
+    data = {
+        "key_file": "/nonexistent/server.key",
+        "network": "10.78.0.0/24",
+        "network6": "fd78::/64",
+        "auth_tokens": [TOKEN],
+        "handshake_timeout": 3.0,
+        "lease_grace": 30.0,
+    }
+    data.update(overrides)
+    return server_config_from_dict({k: v for k, v in data.items() if v is not None})
+
+
+def client_config(**overrides):
+    data = {
+        "server": f"{SERVER_ADDR[0]}:{SERVER_ADDR[1]}",
+        "server_id": SERVER_IDENTITY.public_id,
+        "auth_token": TOKEN,
+        "heartbeat_interval": 1.0,
+        "heartbeat_timeout": 3.0,
+        "handshake_timeout": 2.0,
+    }
+    data.update(overrides)
+    return client_config_from_dict(data)
+
+
+@asynccontextmanager
+async def running_server(net: FakeNetwork, **overrides):
+    endpoint = net.bind(*SERVER_ADDR)
+    server = Server(server_config(**overrides), SERVER_IDENTITY, endpoint, FakeTun("srv"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running_client(net: FakeNetwork, host: str, identity=None, **overrides):
+    platform = FakePlatform(net, host)
+    client = Client(client_config(**overrides), identity or Identity.generate(), RunOptions(),
+                    platform)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.supervise)
+        with trio.fail_after(10):
+            await client.connected.wait()
+        yield client
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_clients_get_consecutive_addresses_and_exchange_packets(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        async with running_client(network, "198.51.100.2") as a, \
+                running_client(network, "198.51.100.3") as b:
+            assert a.addresses() == ["10.78.0.2/24", "fd78::2/64"]
+            assert b.addresses() == ["10.78.0.3/24", "fd78::3/64"]
+
+            # client -> server TUN, IPv4 and IPv6
+            a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1000, 53, b"hi"))
+            a.tun.inject(build_ipv6_udp(v6("fd78::2"), v6("fd78::1"), 1000, 53, b"hi6"))
+            await server.tun.wait_written(2)
+            assert server.tun.written[0].endswith(b"hi")
+            assert server.tun.written[1].endswith(b"hi6")
+
+            # server TUN -> the right client, by destination
+            server.tun.inject(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.3"), 53, 1000, b"to-b"))
+            await b.tun.wait_written(1)
+            assert b.tun.written[0].endswith(b"to-b")
+            assert a.tun.written == []
+
+            status = server.status()
+            assert {tuple(s["addresses"]) for s in status["sessions"]} == {
+                ("10.78.0.2", "fd78::2"), ("10.78.0.3", "fd78::3")}
+
+
+async def test_spoofed_and_malformed_packets_are_dropped_and_counted(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        a.tun.inject(build_ipv4_udp(v4("10.78.0.99"), v4("10.78.0.1"), 1, 2, b"spoof"))
+        a.tun.inject(build_ipv6_udp(v6("fe80::1"), v6("fd78::1"), 1, 2, b"link-local"))
+        a.tun.inject(b"\x45garbage")
+        a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, b"fine"))
+        await server.tun.wait_written(1)
+        await trio.sleep(1)
+        assert [p[-4:] for p in server.tun.written] == [b"fine"]
+        assert server.drops["spoofed_source"] == 2
+        assert server.drops["malformed"] == 1
+
+
+async def test_packets_for_unknown_destinations_are_counted(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2"):
+        server.tun.inject(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.77"), 1, 2, b"x"))
+        await trio.sleep(1)
+        assert server.drops["no_route"] == 1
+
+
+@pytest.mark.parametrize("c2c", [True, False])
+async def test_client_to_client_only_when_enabled(autojump_clock, c2c):
+    network = FakeNetwork()
+    async with running_server(network, client_to_client=c2c) as server, \
+            running_client(network, "198.51.100.2") as a, \
+            running_client(network, "198.51.100.3") as b:
+        a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.3"), 1, 2, b"peer"))
+        a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, b"sync"))
+        await server.tun.wait_written(1)
+        if c2c:
+            with trio.fail_after(1):
+                await b.tun.wait_written(1)
+            assert b.tun.written[0].endswith(b"peer")
+        else:
+            await trio.sleep(1)
+            assert b.tun.written == []
+            assert server.drops["client_to_client"] == 1
+
+
+async def test_packet_too_large_for_a_datagram_travels_on_the_stream(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network, mtu=9000) as server, \
+            running_client(network, "198.51.100.2", mtu=9000) as a:
+        payload = bytes(range(256)) * 20
+        big = build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, payload)
+        assert len(big) > MAX_DATAGRAM_PAYLOAD
+        a.tun.inject(big)
+        await server.tun.wait_written(1)
+        assert server.tun.written[0] == big
+
+
+async def test_client_tunnel_port_traffic_is_not_sent_into_the_tunnel(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        looping = build_ipv4_udp(v4("10.78.0.2"), v4(SERVER_ADDR[0]), 5555, SERVER_ADDR[1], b"x")
+        a.tun.inject(looping)
+        await trio.sleep(1)
+        assert a.drops["tunnel_port"] == 1
+        assert server.tun.written == []
+
+
+async def expect_permanent(net, host, exc_type, match, **overrides):
+    client = Client(client_config(**overrides), Identity.generate(), RunOptions(),
+                    FakePlatform(net, host))
+    with trio.fail_after(5), pytest.raises(exc_type, match=match):
+        await client.supervise()
+
+
+async def test_wrong_token_is_a_permanent_rejection(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        await expect_permanent(network, "198.51.100.9", PeerRejected,
+                               "Invalid authentication token", auth_token=new_token())
+        assert server.auth_failures == 1
+        # The server keeps serving others.
+        async with running_client(network, "198.51.100.2") as a:
+            assert a.addresses()[0] == "10.78.0.2/24"
+
+
+async def test_client_not_in_allowed_clients_is_rejected(autojump_clock):
+    network = FakeNetwork()
+    allowed = Identity.generate()
+    async with running_server(network, allowed_clients=[allowed.public_id]):
+        await expect_permanent(network, "198.51.100.9", PeerRejected, "client not allowed")
+        async with running_client(network, "198.51.100.2", identity=allowed) as a:
+            assert a.addresses()
+
+
+async def test_wrong_server_id_is_an_identity_mismatch(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network):
+        await expect_permanent(network, "198.51.100.9", IdentityMismatch,
+                               "server identity mismatch",
+                               server_id=Identity.generate().public_id)
+
+
+async def test_max_clients_rejects_with_server_full(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network, max_clients=1), running_client(network, "198.51.100.2"):
+        await expect_permanent(network, "198.51.100.9", PeerRejected, "Server full")
+
+
+async def test_pool_exhaustion_is_an_explicit_rejection(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network, network="10.78.0.0/30", network6=None), \
+            running_client(network, "198.51.100.2"):
+        await expect_permanent(network, "198.51.100.9", PeerRejected, "address pool exhausted")
+
+
+async def test_silent_peer_is_dropped_after_the_handshake_deadline(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        from aioquic.quic.connection import QuicConnection
+
+        from tunnel.daemon.quic import client_configuration
+
+        endpoint = network.bind("198.51.100.66", 5000)
+        quic = QuicConnection(configuration=client_configuration())
+        quic.connect(SERVER_ADDR, now=trio.current_time())
+        for data, addr in quic.datagrams_to_send(now=trio.current_time()):
+            endpoint.send(data, addr)
+        await trio.sleep(1)
+        assert server.status()["pending_handshakes"] == 1
+        await trio.sleep(server.config.handshake_timeout + 1)
+        assert server.status()["pending_handshakes"] == 0
+        assert not server.sessions
+
+
+async def test_heartbeat_declares_a_partition_and_the_client_comes_back(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        first = a.addresses()
+        network.policy = lambda data, src, dst: False  # full partition
+        start = trio.current_time()
+        while a.state == "connected":
+            await trio.sleep(0.1)
+        # Declared within heartbeat_timeout (3 s), long before QUIC's 60 s idle timeout.
+        assert trio.current_time() - start <= 3.5
+        network.policy = lambda data, src, dst: True
+        while a.state != "connected":
+            await trio.sleep(0.1)
+        assert a.addresses() == first
+        assert a.reconnects >= 1
+        assert a.tun is a.platform.tuns[0] and len(a.platform.tuns) == 1
+        # The old session is gone from the server once its own idle timeout passes.
+        await trio.sleep(70)
+        assert len([s for s in server.sessions if s.lease is not None]) == 1
+
+
+async def test_max_reconnect_attempts_gives_up_with_a_temporary_failure(autojump_clock):
+    network = FakeNetwork()
+    client = Client(client_config(max_reconnect_attempts=2), Identity.generate(), RunOptions(),
+                    FakePlatform(network, "198.51.100.2"))
+    with trio.fail_after(60), pytest.raises(GaveUp, match="gave up after 2"):
+        await client.supervise()
+    assert GaveUp.exit_code == 111
+
+
+async def test_server_shutdown_closes_clients_at_once(autojump_clock):
+    network = FakeNetwork()
+    async with running_client_and_server_then_stop(network) as (client, stopped_at):
+        # The client heard the close right away rather than at its heartbeat timeout.
+        assert client.lost_at is not None
+        assert client.lost_at - stopped_at < 0.5
+
+
+@asynccontextmanager
+async def running_client_and_server_then_stop(network):
+    endpoint = network.bind(*SERVER_ADDR)
+    server = Server(server_config(), SERVER_IDENTITY, endpoint, FakeTun("srv"))
+    client = Client(client_config(auto_reconnect=False), Identity.generate(), RunOptions(),
+                    FakePlatform(network, "198.51.100.2"))
+    client.lost_at = None
+
+    async def run_client():
+        try:
+            await client.supervise()
+        except Exception:
+            client.lost_at = trio.current_time()
+
+    async with trio.open_nursery() as outer:
+        server_scope = trio.CancelScope()
+
+        async def run_server(task_status=trio.TASK_STATUS_IGNORED):
+            with server_scope:
+                await server.run(task_status=task_status)
+
+        await outer.start(run_server)
+        outer.start_soon(run_client)
+        await client.connected.wait()
+        stopped_at = trio.current_time()
+        server_scope.cancel()
+        await trio.sleep(2)
+        yield client, stopped_at

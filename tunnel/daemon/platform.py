@@ -1,0 +1,34 @@
+"""The host resources a daemon asks for, behind one seam.
+
+Daemons get UDP sockets, TUN devices and netlink changes from a :class:`Platform`; tests hand
+them :class:`tunnel.testing.fakes.FakePlatform` instead and run two in-memory peers on virtual
+time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunnel.daemon.netlink import HostChanges
+from tunnel.daemon.tun import TunDevice
+from tunnel.daemon.udp import UdpEndpoint, resolve
+
+
+class Platform:
+    """The real thing: sockets, /dev/net/tun and netlink."""
+
+    async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
+        return await resolve(host, port, key=key)
+
+    async def open_udp(self, host: str, port: int, *, key: str, family: int | None = None
+                       ) -> UdpEndpoint:
+        return await UdpEndpoint.bind(host, port, key=key, family=family)
+
+    def open_tun(self, name: str) -> TunDevice:
+        return TunDevice(name)
+
+    def host_changes(self) -> HostChanges:
+        return HostChanges()
+
+
+SYSTEM = Platform()

@@ -1,0 +1,198 @@
+"""In-memory stand-ins for UDP sockets, TUN devices and netlink, so whole daemons can be run
+against each other inside one trio process on virtual time.
+
+A :class:`FakeNetwork` delivers datagrams between :class:`FakeEndpoint` objects by address,
+through an optional ``policy`` (drop, partition) the test controls.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+Address = tuple[str, int]
+
+
+class _Inbox:
+    """A queue a pump can wait on, the way it waits for a readable fd."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self._lot.unpark_all()
+
+    async def wait(self) -> None:
+        while not self.items:
+            if self.closed:
+                raise trio.ClosedResourceError
+            await self._lot.park()
+
+    def take(self, limit: int) -> list[Any]:
+        out = []
+        while self.items and len(out) < limit:
+            out.append(self.items.popleft())
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        self._lot.unpark_all()
+
+
+class FakeNetwork:
+    """Datagrams between fake endpoints. ``policy(data, src, dst)`` returning False drops."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[Address, FakeEndpoint] = {}
+        self.policy: Callable[[bytes, Address, Address], bool] = lambda data, src, dst: True
+        self._next_port = 40000
+        self.delivered = 0
+        self.dropped = 0
+
+    def bind(self, host: str, port: int) -> FakeEndpoint:
+        if port == 0:
+            self._next_port += 1
+            port = self._next_port
+        addr = (host, port)
+        if addr in self.endpoints:
+            raise OSError(98, "Address already in use")
+        endpoint = FakeEndpoint(self, addr)
+        self.endpoints[addr] = endpoint
+        return endpoint
+
+    def deliver(self, data: bytes, src: Address, dst: Address) -> None:
+        target = self.endpoints.get((dst[0], dst[1]))
+        if target is None or not self.policy(data, src, dst):
+            self.dropped += 1
+            return
+        self.delivered += 1
+        target.inbox.put((data, src))
+
+
+class FakeEndpoint:
+    """The :class:`tunnel.daemon.udp.UdpEndpoint` interface over a :class:`FakeNetwork`."""
+
+    def __init__(self, network: FakeNetwork, local_address: Address) -> None:
+        self.network = network
+        self.local_address = local_address
+        self.inbox = _Inbox()
+        self.send_drops = 0
+        self.family = socket.AF_INET6 if ":" in local_address[0] else socket.AF_INET
+
+    async def wait_readable(self) -> None:
+        await self.inbox.wait()
+
+    def receive_batch(self, limit: int) -> list[tuple[bytes, Address]]:
+        return self.inbox.take(limit)
+
+    def send(self, data: bytes, addr: Address) -> None:
+        if self.inbox.closed:
+            return
+        self.network.deliver(bytes(data), self.local_address, addr)
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.network.endpoints.pop(self.local_address, None)
+
+
+class FakeTun:
+    """The :class:`tunnel.daemon.tun.TunDevice` interface. ``inject`` plays the kernel sending a
+    packet into the tunnel; ``written`` collects what the daemon delivered to the kernel."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.replace("%d", "0")
+        self.inbox = _Inbox()
+        self.written: list[bytes] = []
+        self._written_lot = trio.lowlevel.ParkingLot()
+        self.write_drops = 0
+
+    def inject(self, packet: bytes) -> None:
+        self.inbox.put(packet)
+
+    async def wait_readable(self) -> None:
+        await self.inbox.wait()
+
+    def read_batch(self, limit: int = 64) -> list[bytes]:
+        return self.inbox.take(limit)
+
+    def write(self, packet: bytes) -> None:
+        self.written.append(bytes(packet))
+        self._written_lot.unpark_all()
+
+    async def wait_written(self, count: int = 1) -> None:
+        while len(self.written) < count:
+            await self._written_lot.park()
+
+    @property
+    def closed(self) -> bool:
+        return self.inbox.closed
+
+    def close(self) -> None:
+        self.inbox.close()
+
+
+class FakeHostChanges:
+    """Records what the daemon would have done to the host."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[Any, ...]] = []
+        self.closed = False
+
+    def bring_up(self, ifname: str, mtu: int) -> int:
+        self.applied.append(("up", ifname, mtu))
+        return 1
+
+    def add_address(self, ifname: str, address: Any, prefixlen: int) -> None:
+        self.applied.append(("address", ifname, f"{address}/{prefixlen}"))
+
+    def add_route(self, network: Any, *, ifname: str | None = None, via: str | None = None,
+                  oif: int | None = None) -> None:
+        self.applied.append(("route", str(network), ifname, via))
+
+    def route_to(self, address: Any) -> tuple[str | None, int | None]:
+        return "192.0.2.254", 2
+
+    def undo(self) -> None:
+        self.applied.clear()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakePlatform:
+    """A :class:`tunnel.daemon.platform.Platform` over one :class:`FakeNetwork`. ``host`` is the
+    address this platform's sockets bind to when asked for a wildcard."""
+
+    def __init__(self, network: FakeNetwork, host: str) -> None:
+        self.network = network
+        self.host = host
+        self.tuns: list[FakeTun] = []
+        self.changes: list[FakeHostChanges] = []
+
+    async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        return family, (host, port)
+
+    async def open_udp(self, host: str, port: int, *, key: str, family: int | None = None
+                       ) -> FakeEndpoint:
+        if host in ("", "::", "0.0.0.0"):
+            host = self.host
+        return self.network.bind(host, port)
+
+    def open_tun(self, name: str) -> FakeTun:
+        tun = FakeTun(name)
+        self.tuns.append(tun)
+        return tun
+
+    def host_changes(self) -> FakeHostChanges:
+        changes = FakeHostChanges()
+        self.changes.append(changes)
+        return changes
