@@ -175,6 +175,7 @@ async def expect_permanent(net, host, exc_type, match, **overrides):
                     FakePlatform(net, host))
     with trio.fail_after(5), pytest.raises(exc_type, match=match):
         await client.supervise()
+    return client
 
 
 async def test_wrong_token_is_a_permanent_rejection(autojump_clock):
@@ -200,9 +201,12 @@ async def test_client_not_in_allowed_clients_is_rejected(autojump_clock):
 async def test_wrong_server_id_is_an_identity_mismatch(autojump_clock):
     network = FakeNetwork()
     async with running_server(network):
-        await expect_permanent(network, "198.51.100.9", IdentityMismatch,
-                               "server identity mismatch",
-                               server_id=Identity.generate().public_id)
+        client = await expect_permanent(network, "198.51.100.9", IdentityMismatch,
+                                        "server identity mismatch",
+                                        server_id=Identity.generate().public_id)
+        await trio.sleep(1)
+        # A session ticket from a server we did not trust is never kept for resumption.
+        assert client.ticket is None
 
 
 async def test_max_clients_rejects_with_server_full(autojump_clock):
@@ -252,6 +256,8 @@ async def test_heartbeat_declares_a_partition_and_the_client_comes_back(autojump
             await trio.sleep(0.1)
         assert a.addresses() == first
         assert a.reconnects >= 1
+        # The reconnect resumed the TLS session with the ticket from the first one.
+        assert a.session.resumed
         assert a.tun is a.platform.tuns[0] and len(a.platform.tuns) == 1
         # The old session is gone from the server once its own idle timeout passes.
         await trio.sleep(70)

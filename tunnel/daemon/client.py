@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 from aioquic.quic.connection import QuicConnection
+from aioquic.tls import SessionTicket
 from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
@@ -100,7 +101,8 @@ class ClientSession(Channel):
     """One QUIC connection to the server, from connect to close."""
 
     def __init__(self, client: Client, endpoint: UdpEndpoint, server_addr: Any) -> None:
-        quic = QuicConnection(configuration=client_configuration())
+        quic = QuicConnection(configuration=client_configuration(session_ticket=client.ticket),
+                              session_ticket_handler=self._ticket_received)
         super().__init__(quic, client.drops)
         self.client = client
         self.endpoint = endpoint
@@ -113,7 +115,9 @@ class ClientSession(Channel):
         self.ended = trio.Event()
         self.last_pong = trio.current_time()
         self.tun: TunDevice | None = None
-        self.carried_traffic = False
+        self.identity_verified = False
+        self.resumed = False
+        self._unverified_ticket: SessionTicket | None = None
 
     def _fail(self, error: TunnelError) -> None:
         if self.failure is None:
@@ -131,9 +135,17 @@ class ClientSession(Channel):
         elif isinstance(event, StreamDataReceived):
             self._stream_data(event)
         elif isinstance(event, HandshakeCompleted):
+            self.resumed = event.session_resumed
+            if event.session_resumed:
+                # No certificate on resumption: the ticket itself came from a session whose
+                # server key we checked, and only such tickets are ever kept.
+                self._identity_verified()
+                return
             key = peer_public_key(self.quic)
             expected = self.client.config.server_id
-            if key != expected:
+            if key == expected:
+                self._identity_verified()
+            else:
                 got = encode_public_id(key) if key else "no Ed25519 key"
                 self.quic.close(error_code=CLOSE_IDENTITY, reason_phrase="identity mismatch")
                 self._fail(IdentityMismatch(
@@ -145,6 +157,19 @@ class ClientSession(Channel):
             else:
                 reason = event.reason_phrase or f"code {event.error_code:#x}"
                 self._fail(SessionLost(f"connection closed: {reason}"))
+
+    def _identity_verified(self) -> None:
+        self.identity_verified = True
+        if self._unverified_ticket is not None:
+            self.client.ticket = self._unverified_ticket
+            self._unverified_ticket = None
+
+    def _ticket_received(self, ticket: SessionTicket) -> None:
+        """Keep tickets only from a server whose identity we verified on this connection."""
+        if self.identity_verified:
+            self.client.ticket = ticket
+        else:
+            self._unverified_ticket = ticket
 
     def _stream_data(self, event: StreamDataReceived) -> None:
         decoder = self.hello_decoder if event.stream_id == SERVER_HELLO_STREAM else self.decoder
@@ -266,6 +291,7 @@ class ClientSession(Channel):
             **self.counters(),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "uptime": round(trio.current_time() - started, 3) if started else 0.0,
+            "resumed": self.resumed,
         }
 
 
@@ -299,6 +325,7 @@ class Client:
         self.options = options
         self.platform = platform
         self.device_id = secrets.randbits(64)
+        self.ticket: SessionTicket | None = None  # from the last session, for resumption
         self.drops = Drops()
         self.host = platform.host_changes()
         self.connected = trio.Event()  # set by the first established session
@@ -309,6 +336,7 @@ class Client:
         self.reconnects = 0
         self.started_at = trio.current_time()
         self.session_started_at: float | None = None
+        self.last_handshake: float | None = None
         self.server_addr: Any = None
         self.server_packed = b""
         self.server_port = config.server_port
@@ -366,6 +394,7 @@ class Client:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.udp_pump)
                 nursery.start_soon(session.driver.run_timer)
+                began = trio.current_time()
                 try:
                     with trio.fail_after(self.config.handshake_timeout):
                         response = await session.connect()
@@ -378,8 +407,10 @@ class Client:
                     session.tun = self.tun
                     self.state = "connected"
                     self.session_started_at = trio.current_time()
-                    log.info("session up: %s via %s", ", ".join(self.addresses()),
-                             self.tun.name if self.tun else "-")
+                    self.last_handshake = self.session_started_at - began
+                    log.info("session up: %s via %s (handshake %.1f ms%s)",
+                             ", ".join(self.addresses()), self.tun.name if self.tun else "-",
+                             self.last_handshake * 1000, ", resumed" if session.resumed else "")
                     if not self.connected.is_set():
                         self.connected.set()
                         notify_ready(self.options.ready_fd)
@@ -460,6 +491,8 @@ class Client:
             "device_id": self.device_id,
             "uptime": round(trio.current_time() - self.started_at, 3),
             "reconnects": self.reconnects,
+            "last_handshake_ms": round(self.last_handshake * 1000, 3)
+            if self.last_handshake is not None else None,
             "sessions": [session.status()] if session is not None else [],
             "drops": dict(self.drops) | ({"tun_write": self.tun.write_drops} if self.tun else {}),
         }

@@ -8,6 +8,7 @@ escape as an exception (aioquic already turns them into ``ConnectionTerminated``
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import math
@@ -19,6 +20,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import QuicEvent
+from aioquic.tls import SessionTicket
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -75,7 +77,29 @@ def server_configuration(identity: Identity) -> QuicConfiguration:
     return config
 
 
-def client_configuration(server_name: str | None = None) -> QuicConfiguration:
+class TicketStore:
+    """The server's session tickets, so a returning client resumes without a full handshake.
+    Bounded: the oldest ticket goes when it is full. In memory only, so a restart forgets them."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
+        self.capacity = capacity
+
+    def add(self, ticket: SessionTicket) -> None:
+        self._tickets[ticket.ticket] = ticket
+        while len(self._tickets) > self.capacity:
+            self._tickets.popitem(last=False)
+
+    def pop(self, label: bytes) -> SessionTicket | None:
+        # Single use: a ticket resumes one connection (and the new one brings its own).
+        return self._tickets.pop(label, None)
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+
+def client_configuration(server_name: str | None = None,
+                         session_ticket: SessionTicket | None = None) -> QuicConfiguration:
     # CERT_NONE: the certificate chain means nothing to us; the TLS handshake signature is still
     # verified, and the key it proves is compared with the pinned server_id after the handshake.
     return QuicConfiguration(
@@ -86,6 +110,7 @@ def client_configuration(server_name: str | None = None) -> QuicConfiguration:
         max_datagram_size=MAX_DATAGRAM_SIZE,
         idle_timeout=IDLE_TIMEOUT,
         server_name=server_name,
+        session_ticket=session_ticket,
     )
 
 

@@ -58,6 +58,7 @@ from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     QuicDriver,
+    TicketStore,
     server_configuration,
     smoothed_rtt,
 )
@@ -249,6 +250,7 @@ class Server:
         self.endpoint = endpoint
         self.tun = tun
         self.quic_config = server_configuration(identity)
+        self.tickets = TicketStore()
         self.authority = _authority(config, identity)
         self.cids: dict[bytes, ServerSession] = {}
         self.routes: dict[bytes, ServerSession] = {}  # tunnel address (packed) -> session
@@ -305,7 +307,9 @@ class Server:
             self.drops["udp_unknown_connection"] += 1
             return None
         quic = QuicConnection(configuration=self.quic_config,
-                              original_destination_connection_id=header.destination_cid)
+                              original_destination_connection_id=header.destination_cid,
+                              session_ticket_fetcher=self.tickets.pop,
+                              session_ticket_handler=self.tickets.add)
         session = ServerSession(self, quic, addr)
         self.cids[header.destination_cid] = session
         self.cids[quic.host_cid] = session
