@@ -71,8 +71,9 @@ async def running_server(net: FakeNetwork, **overrides):
 @asynccontextmanager
 async def running_client(net: FakeNetwork, host: str, identity=None, **overrides):
     platform = FakePlatform(net, host)
-    client = Client(client_config(**overrides), identity or Identity.generate(), RunOptions(),
-                    platform)
+    client = Client(
+        client_config(**overrides), identity or Identity.generate(), RunOptions(), platform
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.supervise)
         with trio.fail_after(10):
@@ -81,11 +82,19 @@ async def running_client(net: FakeNetwork, host: str, identity=None, **overrides
         nursery.cancel_scope.cancel()
 
 
+async def wait_for(condition, step=0.05):
+    """Poll a condition on virtual time (the daemons expose state, not events, for these)."""
+    while not condition():  # noqa: ASYNC110
+        await trio.sleep(step)
+
+
 async def test_two_clients_get_consecutive_addresses_and_exchange_packets(autojump_clock):
     network = FakeNetwork()
     async with running_server(network) as server:
-        async with running_client(network, "198.51.100.2") as a, \
-                running_client(network, "198.51.100.3") as b:
+        async with (
+            running_client(network, "198.51.100.2") as a,
+            running_client(network, "198.51.100.3") as b,
+        ):
             assert a.addresses() == ["10.78.0.2/24", "fd78::2/64"]
             assert b.addresses() == ["10.78.0.3/24", "fd78::3/64"]
 
@@ -104,7 +113,9 @@ async def test_two_clients_get_consecutive_addresses_and_exchange_packets(autoju
 
             status = server.status()
             assert {tuple(s["addresses"]) for s in status["sessions"]} == {
-                ("10.78.0.2", "fd78::2"), ("10.78.0.3", "fd78::3")}
+                ("10.78.0.2", "fd78::2"),
+                ("10.78.0.3", "fd78::3"),
+            }
 
 
 async def test_spoofed_and_malformed_packets_are_dropped_and_counted(autojump_clock):
@@ -132,9 +143,11 @@ async def test_packets_for_unknown_destinations_are_counted(autojump_clock):
 @pytest.mark.parametrize("c2c", [True, False])
 async def test_client_to_client_only_when_enabled(autojump_clock, c2c):
     network = FakeNetwork()
-    async with running_server(network, client_to_client=c2c) as server, \
-            running_client(network, "198.51.100.2") as a, \
-            running_client(network, "198.51.100.3") as b:
+    async with (
+        running_server(network, client_to_client=c2c) as server,
+        running_client(network, "198.51.100.2") as a,
+        running_client(network, "198.51.100.3") as b,
+    ):
         a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.3"), 1, 2, b"peer"))
         a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, b"sync"))
         await server.tun.wait_written(1)
@@ -150,8 +163,10 @@ async def test_client_to_client_only_when_enabled(autojump_clock, c2c):
 
 async def test_packet_too_large_for_a_datagram_travels_on_the_stream(autojump_clock):
     network = FakeNetwork()
-    async with running_server(network, mtu=9000) as server, \
-            running_client(network, "198.51.100.2", mtu=9000) as a:
+    async with (
+        running_server(network, mtu=9000) as server,
+        running_client(network, "198.51.100.2", mtu=9000) as a,
+    ):
         payload = bytes(range(256)) * 20
         big = build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, payload)
         assert len(big) > MAX_DATAGRAM_PAYLOAD
@@ -171,8 +186,9 @@ async def test_client_tunnel_port_traffic_is_not_sent_into_the_tunnel(autojump_c
 
 
 async def expect_permanent(net, host, exc_type, match, **overrides):
-    client = Client(client_config(**overrides), Identity.generate(), RunOptions(),
-                    FakePlatform(net, host))
+    client = Client(
+        client_config(**overrides), Identity.generate(), RunOptions(), FakePlatform(net, host)
+    )
     with trio.fail_after(5), pytest.raises(exc_type, match=match):
         await client.supervise()
     return client
@@ -181,8 +197,13 @@ async def expect_permanent(net, host, exc_type, match, **overrides):
 async def test_wrong_token_is_a_permanent_rejection(autojump_clock):
     network = FakeNetwork()
     async with running_server(network) as server:
-        await expect_permanent(network, "198.51.100.9", PeerRejected,
-                               "Invalid authentication token", auth_token=new_token())
+        await expect_permanent(
+            network,
+            "198.51.100.9",
+            PeerRejected,
+            "Invalid authentication token",
+            auth_token=new_token(),
+        )
         assert server.auth_failures == 1
         # The server keeps serving others.
         async with running_client(network, "198.51.100.2") as a:
@@ -201,9 +222,13 @@ async def test_client_not_in_allowed_clients_is_rejected(autojump_clock):
 async def test_wrong_server_id_is_an_identity_mismatch(autojump_clock):
     network = FakeNetwork()
     async with running_server(network):
-        client = await expect_permanent(network, "198.51.100.9", IdentityMismatch,
-                                        "server identity mismatch",
-                                        server_id=Identity.generate().public_id)
+        client = await expect_permanent(
+            network,
+            "198.51.100.9",
+            IdentityMismatch,
+            "server identity mismatch",
+            server_id=Identity.generate().public_id,
+        )
         await trio.sleep(1)
         # A session ticket from a server we did not trust is never kept for resumption.
         assert client.ticket is None
@@ -217,8 +242,10 @@ async def test_max_clients_rejects_with_server_full(autojump_clock):
 
 async def test_pool_exhaustion_is_an_explicit_rejection(autojump_clock):
     network = FakeNetwork()
-    async with running_server(network, network="10.78.0.0/30", network6=None), \
-            running_client(network, "198.51.100.2"):
+    async with (
+        running_server(network, network="10.78.0.0/30", network6=None),
+        running_client(network, "198.51.100.2"),
+    ):
         await expect_permanent(network, "198.51.100.9", PeerRejected, "address pool exhausted")
 
 
@@ -247,13 +274,11 @@ async def test_heartbeat_declares_a_partition_and_the_client_comes_back(autojump
         first = a.addresses()
         network.policy = lambda data, src, dst: False  # full partition
         start = trio.current_time()
-        while a.state == "connected":
-            await trio.sleep(0.1)
+        await wait_for(lambda: a.state != "connected")
         # Declared within heartbeat_timeout (3 s), long before QUIC's 60 s idle timeout.
         assert trio.current_time() - start <= 3.5
         network.policy = lambda data, src, dst: True
-        while a.state != "connected":
-            await trio.sleep(0.1)
+        await wait_for(lambda: a.state == "connected")
         assert a.addresses() == first
         assert a.reconnects >= 1
         # The reconnect resumed the TLS session with the ticket from the first one.
@@ -266,8 +291,12 @@ async def test_heartbeat_declares_a_partition_and_the_client_comes_back(autojump
 
 async def test_max_reconnect_attempts_gives_up_with_a_temporary_failure(autojump_clock):
     network = FakeNetwork()
-    client = Client(client_config(max_reconnect_attempts=2), Identity.generate(), RunOptions(),
-                    FakePlatform(network, "198.51.100.2"))
+    client = Client(
+        client_config(max_reconnect_attempts=2),
+        Identity.generate(),
+        RunOptions(),
+        FakePlatform(network, "198.51.100.2"),
+    )
     with trio.fail_after(60), pytest.raises(GaveUp, match="gave up after 2"):
         await client.supervise()
     assert GaveUp.exit_code == 111
@@ -285,8 +314,12 @@ async def test_server_shutdown_closes_clients_at_once(autojump_clock):
 async def running_client_and_server_then_stop(network):
     endpoint = network.bind(*SERVER_ADDR)
     server = Server(server_config(), SERVER_IDENTITY, endpoint, FakeTun("srv"))
-    client = Client(client_config(auto_reconnect=False), Identity.generate(), RunOptions(),
-                    FakePlatform(network, "198.51.100.2"))
+    client = Client(
+        client_config(auto_reconnect=False),
+        Identity.generate(),
+        RunOptions(),
+        FakePlatform(network, "198.51.100.2"),
+    )
     client.lost_at = None
 
     async def run_client():
@@ -309,3 +342,21 @@ async def running_client_and_server_then_stop(network):
         server_scope.cancel()
         await trio.sleep(2)
         yield client, stopped_at
+
+
+async def test_client_moves_to_a_new_socket_when_its_path_dies(autojump_clock):
+    """A NAT that forgot us, or a source address that vanished: only the current socket's path
+    is dead. The client migrates to a new socket; the session survives without a reconnect."""
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        dead = a.session.endpoint.local_address
+        network.policy = lambda data, src, dst: dead not in (src, dst)
+        await trio.sleep(5)
+        assert a.state == "connected"
+        assert a.reconnects == 0
+        assert a.session.rebinds == 1
+        a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, b"after"))
+        with trio.fail_after(2):
+            await server.tun.wait_written(1)
+        (session,) = server.status()["sessions"]
+        assert session["remote"] != f"{dead[0]}:{dead[1]}"

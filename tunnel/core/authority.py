@@ -137,11 +137,15 @@ class Authority:
     def _accepted(self, lease: Lease) -> AuthResponse:
         fields: dict[str, object] = {"accepted": True, "mtu": self.mtu}
         if self.pool4 is not None:
-            fields.update(assigned_ip=lease.ipv4, network=self.pool4.network,
-                          server_ip=self.pool4.server_ip)
+            fields.update(
+                assigned_ip=lease.ipv4, network=self.pool4.network, server_ip=self.pool4.server_ip
+            )
         if self.pool6 is not None:
-            fields.update(assigned_ip6=lease.ipv6, network6=self.pool6.network,
-                          server_ip6=self.pool6.server_ip)
+            fields.update(
+                assigned_ip6=lease.ipv6,
+                network6=self.pool6.network,
+                server_ip6=self.pool6.server_ip,
+            )
         return AuthResponse(**fields)  # type: ignore[arg-type]
 
     def release(self, owner: Owner, *, now: float) -> None:
@@ -155,7 +159,8 @@ class Authority:
     def expire(self, now: float) -> list[Lease]:
         """Return to the pools every lease released more than ``lease_grace`` ago."""
         expired = [
-            lease for lease in self._leases.values()
+            lease
+            for lease in self._leases.values()
             if lease.released_at is not None and now - lease.released_at >= self.lease_grace
         ]
         for lease in expired:
@@ -167,6 +172,7 @@ class Authority:
 
     def next_expiry(self) -> float | None:
         """When the oldest released lease expires, or None if none is waiting."""
-        times = [lease.released_at for lease in self._leases.values()
-                 if lease.released_at is not None]
+        times = [
+            lease.released_at for lease in self._leases.values() if lease.released_at is not None
+        ]
         return min(times) + self.lease_grace if times else None

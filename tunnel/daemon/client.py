@@ -26,7 +26,6 @@ from typing import Any
 
 import trio
 from aioquic.quic.connection import QuicConnection
-from aioquic.tls import SessionTicket
 from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
@@ -34,6 +33,7 @@ from aioquic.quic.events import (
     QuicEvent,
     StreamDataReceived,
 )
+from aioquic.tls import SessionTicket
 
 from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.backoff import Backoff
@@ -58,7 +58,6 @@ from tunnel.daemon.quic import (
     smoothed_rtt,
 )
 from tunnel.daemon.runtime import (
-    CLEANUP_S,
     ControlServer,
     check_ready_fd,
     lone_errors_unwrapped,
@@ -101,13 +100,16 @@ class ClientSession(Channel):
     """One QUIC connection to the server, from connect to close."""
 
     def __init__(self, client: Client, endpoint: UdpEndpoint, server_addr: Any) -> None:
-        quic = QuicConnection(configuration=client_configuration(session_ticket=client.ticket),
-                              session_ticket_handler=self._ticket_received)
+        quic = QuicConnection(
+            configuration=client_configuration(session_ticket=client.ticket),
+            session_ticket_handler=self._ticket_received,
+        )
         super().__init__(quic, client.drops)
         self.client = client
         self.endpoint = endpoint
         self.server_addr = server_addr
-        self.driver = QuicDriver(quic, endpoint.send, self._handle_event)
+        self.driver = QuicDriver(quic, self._send_datagram, self._handle_event)
+        self.rebinds = 0
         self.hello_decoder = FrameDecoder()
         self.response: AuthResponse | None = None
         self.failure: TunnelError | None = None
@@ -148,9 +150,12 @@ class ClientSession(Channel):
             else:
                 got = encode_public_id(key) if key else "no Ed25519 key"
                 self.quic.close(error_code=CLOSE_IDENTITY, reason_phrase="identity mismatch")
-                self._fail(IdentityMismatch(
-                    f"server identity mismatch: expected {encode_public_id(expected)}, "
-                    f"server presented {got}"))
+                self._fail(
+                    IdentityMismatch(
+                        f"server identity mismatch: expected {encode_public_id(expected)}, "
+                        f"server presented {got}"
+                    )
+                )
         elif isinstance(event, ConnectionTerminated):
             if event.error_code == CLOSE_REJECTED and self.response is None:
                 self._fail(PeerRejected(f"rejected by server: {event.reason_phrase}"))
@@ -199,13 +204,20 @@ class ClientSession(Channel):
 
     def _answer_hello(self, hello: ServerHello) -> None:
         identity = self.client.identity
-        transcript = auth_transcript(hello.nonce, self.client.config.server_id,
-                                     identity.public_key, self.client.device_id)
+        transcript = auth_transcript(
+            hello.nonce, self.client.config.server_id, identity.public_key, self.client.device_id
+        )
         self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, hello.max_datagram_payload)
-        self.send_frame(AuthRequest(
-            version=PROTOCOL_VERSION, device_id=self.client.device_id,
-            client_id=identity.public_key, auth_token=self.client.config.auth_token,
-            signature=identity.sign(transcript), max_datagram_payload=MAX_DATAGRAM_PAYLOAD))
+        self.send_frame(
+            AuthRequest(
+                version=PROTOCOL_VERSION,
+                device_id=self.client.device_id,
+                client_id=identity.public_key,
+                auth_token=self.client.config.auth_token,
+                signature=identity.sign(transcript),
+                max_datagram_payload=MAX_DATAGRAM_PAYLOAD,
+            )
+        )
 
     def _auth_response(self, response: AuthResponse) -> None:
         self.response = response
@@ -217,14 +229,43 @@ class ClientSession(Channel):
     # -- tasks ----------------------------------------------------------------------------------
 
     async def udp_pump(self) -> None:
-        endpoint, driver = self.endpoint, self.driver
+        driver = self.driver
         while True:
-            await endpoint.wait_readable()
+            endpoint = self.endpoint
+            try:
+                await endpoint.wait_readable()
+            except trio.ClosedResourceError:
+                if endpoint is self.endpoint:
+                    raise
+                continue  # rebound: wait on the new socket
             now = trio.current_time()
             for data, addr in endpoint.receive_batch(UDP_BATCH):
                 driver.receive(data, addr, now)
             driver.pump()
             self._flush()
+
+    def _send_datagram(self, data: bytes, addr: Any) -> None:
+        self.endpoint.send(data, addr)
+
+    async def rebind(self) -> None:
+        """Move the connection to a fresh UDP socket (and a fresh connection ID).
+
+        After an address change, a socket may be stuck with a source that no longer works, and
+        a NAT may have forgotten our mapping; a new socket gets whatever source the kernel
+        picks now, and QUIC migrates the connection to it: the server validates the new path
+        and the session, with every TCP connection inside it, carries on.
+        """
+        family = self.endpoint.family
+        fresh = await self.client.platform.open_udp(
+            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
+        )
+        old, self.endpoint = self.endpoint, fresh
+        old.close()
+        self.rebinds += 1
+        self.quic.change_connection_id()
+        self.quic.send_ping(self.rebinds)
+        self.driver.transmit()
+        log.info("path silent: moved to a new local socket %s", _format_addr(fresh.local_address))
 
     def _flush(self) -> None:
         if self.dirty:
@@ -246,19 +287,31 @@ class ClientSession(Channel):
             self._flush()
 
     async def heartbeat(self) -> None:
+        """Ping every interval; after one missed answer try a new socket (roaming), and declare
+        the session lost when nothing came back for the whole timeout."""
         interval = self.client.config.heartbeat_interval
         timeout = self.client.config.heartbeat_timeout
+        # One pong late: the path may be dead for this socket only.
+        rebind_after = min(interval * 1.5, timeout / 2)
         self.last_pong = trio.current_time()
         next_ping = trio.current_time()
+        rebound_for = None
         while True:
             now = trio.current_time()
-            if now - self.last_pong >= timeout:
+            silence = now - self.last_pong
+            if silence >= timeout:
                 raise SessionLost(f"no heartbeat answer for {timeout:g} s")
+            if silence >= rebind_after and rebound_for != self.last_pong:
+                rebound_for = self.last_pong
+                await self.rebind()
             if now >= next_ping:
                 self.send_frame(Ping())
                 self._flush()
                 next_ping = now + interval
-            await trio.sleep_until(min(next_ping, self.last_pong + timeout))
+            wake = min(next_ping, self.last_pong + timeout)
+            if rebound_for != self.last_pong:
+                wake = min(wake, self.last_pong + rebind_after)
+            await trio.sleep_until(wake)
 
     async def connect(self) -> AuthResponse:
         """QUIC handshake, identity check and tunnel handshake. Returns the accepted response."""
@@ -292,6 +345,7 @@ class ClientSession(Channel):
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "uptime": round(trio.current_time() - started, 3) if started else 0.0,
             "resumed": self.resumed,
+            "rebinds": self.rebinds,
         }
 
 
@@ -312,14 +366,19 @@ def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) ->
         offset = 40
     else:
         return False
-    return packet[offset + 2:offset + 4] == server_port.to_bytes(2, "big")
+    return packet[offset + 2 : offset + 4] == server_port.to_bytes(2, "big")
 
 
 class Client:
     """State of the client daemon across sessions."""
 
-    def __init__(self, config: ClientConfig, identity: Identity, options: RunOptions,
-                 platform: Platform = SYSTEM) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        identity: Identity,
+        options: RunOptions,
+        platform: Platform = SYSTEM,
+    ) -> None:
         self.config = config
         self.identity = identity
         self.options = options
@@ -369,8 +428,10 @@ class Client:
             failures += 1
             limit = self.config.max_reconnect_attempts
             if limit is not None and failures > limit:
-                raise GaveUp(f"gave up after {limit} failed reconnect attempts "
-                             f"(max_reconnect_attempts = {limit})")
+                raise GaveUp(
+                    f"gave up after {limit} failed reconnect attempts "
+                    f"(max_reconnect_attempts = {limit})"
+                )
             delay = backoff.next_delay()
             self.state = "reconnecting"
             log.info("reconnecting in %.1f s (attempt %d)", delay, failures)
@@ -378,12 +439,14 @@ class Client:
             self.reconnects += 1
 
     async def _open_session(self) -> ClientSession:
-        family, addr = await self.platform.resolve(self.config.server_host,
-                                                   self.config.server_port, key="server")
+        family, addr = await self.platform.resolve(
+            self.config.server_host, self.config.server_port, key="server"
+        )
         self.server_addr = addr
         self.server_packed = ipaddress.ip_address(addr[0]).packed
         endpoint = await self.platform.open_udp(
-            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family)
+            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
+        )
         self.session = ClientSession(self, endpoint, addr)
         self.state = "connecting"
         return self.session
@@ -401,16 +464,21 @@ class Client:
                 except trio.TooSlowError:
                     raise HandshakeTimeout(
                         f"no answer from {self.config.server_host}:{self.config.server_port} "
-                        f"within {self.config.handshake_timeout:g} s") from None
+                        f"within {self.config.handshake_timeout:g} s"
+                    ) from None
                 try:
                     self._apply(response)
                     session.tun = self.tun
                     self.state = "connected"
                     self.session_started_at = trio.current_time()
                     self.last_handshake = self.session_started_at - began
-                    log.info("session up: %s via %s (handshake %.1f ms%s)",
-                             ", ".join(self.addresses()), self.tun.name if self.tun else "-",
-                             self.last_handshake * 1000, ", resumed" if session.resumed else "")
+                    log.info(
+                        "session up: %s via %s (handshake %.1f ms%s)",
+                        ", ".join(self.addresses()),
+                        self.tun.name if self.tun else "-",
+                        self.last_handshake * 1000,
+                        ", resumed" if session.resumed else "",
+                    )
                     if not self.connected.is_set():
                         self.connected.set()
                         notify_ready(self.options.ready_fd)
@@ -443,8 +511,7 @@ class Client:
         if response.assigned_ip is not None and response.network is not None:
             self.host.add_address(self.tun.name, response.assigned_ip, response.network.prefixlen)
         if response.assigned_ip6 is not None and response.network6 is not None:
-            self.host.add_address(self.tun.name, response.assigned_ip6,
-                                  response.network6.prefixlen)
+            self.host.add_address(self.tun.name, response.assigned_ip6, response.network6.prefixlen)
 
     def _add_routes(self, response: AuthResponse) -> None:
         assert self.tun is not None
@@ -492,7 +559,8 @@ class Client:
             "uptime": round(trio.current_time() - self.started_at, 3),
             "reconnects": self.reconnects,
             "last_handshake_ms": round(self.last_handshake * 1000, 3)
-            if self.last_handshake is not None else None,
+            if self.last_handshake is not None
+            else None,
             "sessions": [session.status()] if session is not None else [],
             "drops": dict(self.drops) | ({"tun_write": self.tun.write_drops} if self.tun else {}),
         }
@@ -506,7 +574,11 @@ class Client:
 
 def _same_addresses(a: AuthResponse, b: AuthResponse) -> bool:
     return (a.assigned_ip, a.network, a.assigned_ip6, a.network6) == (
-        b.assigned_ip, b.network, b.assigned_ip6, b.network6)
+        b.assigned_ip,
+        b.network,
+        b.assigned_ip6,
+        b.network6,
+    )
 
 
 async def run_client(config: ClientConfig, options: RunOptions) -> None:
@@ -517,8 +589,12 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
     control = ControlServer(config.control_socket, client.status)
     try:
         await control.bind()
-        log.info("client %s connecting to %s:%d", identity.public_id, config.server_host,
-                 config.server_port)
+        log.info(
+            "client %s connecting to %s:%d",
+            identity.public_id,
+            config.server_host,
+            config.server_port,
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals, nursery.cancel_scope, None)
             nursery.start_soon(control.serve)
@@ -526,6 +602,6 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
             nursery.cancel_scope.cancel()
         log.info("client stopped")
     finally:
-        with trio.move_on_after(CLEANUP_S, shield=True):
-            control.close()
-            client.close()
+        # Synchronous on purpose: undoing our changes to the host cannot be cancelled halfway.
+        control.close()
+        client.close()

@@ -91,21 +91,32 @@ class HostChanges:
         )
 
     def add_route(
-        self, network: IPNetwork, *, ifname: str | None = None, via: str | None = None,
+        self,
+        network: IPNetwork,
+        *,
+        ifname: str | None = None,
+        via: str | None = None,
         oif: int | None = None,
     ) -> None:
-        spec: dict[str, Any] = {"dst": str(network.network_address), "dst_len": network.prefixlen,
-                                "family": _family(network)}
+        spec: dict[str, Any] = {
+            "dst": str(network.network_address),
+            "dst_len": network.prefixlen,
+            "family": _family(network),
+        }
         if ifname is not None:
             spec["oif"] = self.link_index(ifname)
         if oif is not None:
             spec["oif"] = oif
         if via is not None:
             spec["gateway"] = via
-        desc = f"add route {network}" + (f" via {via}" if via else "") + (
-            f" dev {ifname}" if ifname else "")
-        self._do(desc, lambda: self._ipr.route("add", **spec),
-                 lambda: self._ipr.route("del", **spec))
+        desc = (
+            f"add route {network}"
+            + (f" via {via}" if via else "")
+            + (f" dev {ifname}" if ifname else "")
+        )
+        self._do(
+            desc, lambda: self._ipr.route("add", **spec), lambda: self._ipr.route("del", **spec)
+        )
 
     def route_to(self, address: IPAddress) -> tuple[str | None, int | None]:
         """How the kernel reaches ``address`` now: (gateway or None, output interface index)."""

@@ -20,8 +20,9 @@ class Platform:
     async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
         return await resolve(host, port, key=key)
 
-    async def open_udp(self, host: str, port: int, *, key: str, family: int | None = None
-                       ) -> UdpEndpoint:
+    async def open_udp(
+        self, host: str, port: int, *, key: str, family: int | None = None
+    ) -> UdpEndpoint:
         return await UdpEndpoint.bind(host, port, key=key, family=family)
 
     def open_tun(self, name: str) -> TunDevice:

@@ -98,8 +98,9 @@ class TicketStore:
         return len(self._tickets)
 
 
-def client_configuration(server_name: str | None = None,
-                         session_ticket: SessionTicket | None = None) -> QuicConfiguration:
+def client_configuration(
+    server_name: str | None = None, session_ticket: SessionTicket | None = None
+) -> QuicConfiguration:
     # CERT_NONE: the certificate chain means nothing to us; the TLS handshake signature is still
     # verified, and the key it proves is compared with the pinned server_id after the handshake.
     return QuicConfiguration(

@@ -20,8 +20,6 @@ from tunnel.errors import SystemSetupError, TunnelError
 
 log = logging.getLogger("tunnel")
 
-# How long cleanup on the way out may take before we give up on it.
-CLEANUP_S = 2.0
 CONTROL_REQUEST_MAX = 1024
 
 
@@ -95,7 +93,9 @@ def _prepare_socket_path(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemSetupError(f"control_socket: cannot create {path.parent}: {exc.strerror}") from exc
+        raise SystemSetupError(
+            f"control_socket: cannot create {path.parent}: {exc.strerror}"
+        ) from exc
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -128,7 +128,9 @@ class ControlServer:
             await self._listener.bind(str(self.path))
         except OSError as exc:
             self._listener.close()
-            raise SystemSetupError(f"control_socket: cannot bind {self.path}: {exc.strerror}") from exc
+            raise SystemSetupError(
+                f"control_socket: cannot bind {self.path}: {exc.strerror}"
+            ) from exc
         self._bound = True
         os.chmod(self.path, 0o660)
         self._listener.listen(16)

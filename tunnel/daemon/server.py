@@ -63,7 +63,6 @@ from tunnel.daemon.quic import (
     smoothed_rtt,
 )
 from tunnel.daemon.runtime import (
-    CLEANUP_S,
     ControlServer,
     check_ready_fd,
     notify_ready,
@@ -127,8 +126,9 @@ class ServerSession(Channel):
             self.server.cids.pop(event.connection_id, None)
         elif isinstance(event, ConnectionTerminated):
             if event.error_code not in (CLOSE_OK, CLOSE_SHUTDOWN):
-                self.log.info("connection closed: %s (code %#x)", event.reason_phrase or "-",
-                              event.error_code)
+                self.log.info(
+                    "connection closed: %s (code %#x)", event.reason_phrase or "-", event.error_code
+                )
             else:
                 self.log.info("connection closed by peer")
             self.closed.set()
@@ -139,8 +139,9 @@ class ServerSession(Channel):
             return
         self._hello_sent = True
         stream_id = self.quic.get_next_available_stream_id(is_unidirectional=True)
-        hello = ServerHello(version=PROTOCOL_VERSION, nonce=self.nonce,
-                            max_datagram_payload=MAX_DATAGRAM_PAYLOAD)
+        hello = ServerHello(
+            version=PROTOCOL_VERSION, nonce=self.nonce, max_datagram_payload=MAX_DATAGRAM_PAYLOAD
+        )
         self.quic.send_stream_data(stream_id, encode_frame(hello))
 
     def _stream_data(self, event: StreamDataReceived) -> None:
@@ -173,13 +174,15 @@ class ServerSession(Channel):
         self.client_id, self.device_id = request.client_id, request.device_id
         self.log = SessionLog(log, {"client": _short(request.client_id)})
         admission = self.server.authority.authorize(
-            request, nonce=self.nonce, now=trio.current_time())
+            request, nonce=self.nonce, now=trio.current_time()
+        )
         response: AuthResponse = admission.response
         self.send_frame(response)
         if not response.accepted:
             self.server.auth_failures += 1
-            self.log.warning("rejected from %s: %s", _format_addr(self.remote),
-                             response.reject_reason)
+            self.log.warning(
+                "rejected from %s: %s", _format_addr(self.remote), response.reject_reason
+            )
             self.close(CLOSE_REJECTED, response.reject_reason or "rejected")
             return
         self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload)
@@ -187,8 +190,12 @@ class ServerSession(Channel):
         assert self.lease is not None
         self.own_sources = frozenset(a.packed for a in self.lease.addresses)
         self.server.attach(self)
-        self.log.info("session up from %s: %s (device %016x)", _format_addr(self.remote),
-                      ", ".join(str(a) for a in self.lease.addresses), request.device_id)
+        self.log.info(
+            "session up from %s: %s (device %016x)",
+            _format_addr(self.remote),
+            ", ".join(str(a) for a in self.lease.addresses),
+            request.device_id,
+        )
         self.established.set()
 
     def close(self, code: int, reason: str) -> None:
@@ -205,8 +212,10 @@ class ServerSession(Channel):
                 with trio.move_on_after(self.server.config.handshake_timeout):
                     await self.established.wait()
                 if not self.established.is_set() and not self.closed.is_set():
-                    self.log.info("handshake from %s not completed in time: dropped",
-                                  _format_addr(self.remote))
+                    self.log.info(
+                        "handshake from %s not completed in time: dropped",
+                        _format_addr(self.remote),
+                    )
                     self.close(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout")
                     self.driver.transmit()
                 await self.closed.wait()
@@ -218,13 +227,18 @@ class ServerSession(Channel):
                 self.driver.transmit()
             self.server.detach(self)
 
+    def current_remote(self) -> Any:
+        """The client's address now: QUIC follows a migrating client to its new path."""
+        paths = getattr(self.quic, "_network_paths", None)
+        return paths[0].addr if paths else self.remote
+
     def status(self) -> dict[str, Any]:
         rtt = smoothed_rtt(self.quic)
         return {
             "client_id": encode_public_id(self.client_id) if self.client_id else None,
             "device_id": self.device_id,
             "addresses": [str(a) for a in self.lease.addresses] if self.lease else [],
-            "remote": _format_addr(self.remote),
+            "remote": _format_addr(self.current_remote()),
             **self.counters(),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "uptime": round(trio.current_time() - self.started_at, 3),
@@ -242,8 +256,14 @@ def _format_addr(addr: Any) -> str:
 class Server:
     """State shared by the server's tasks. Created and run by :func:`run_server`."""
 
-    def __init__(self, config: ServerConfig, identity: Identity, endpoint: UdpEndpoint,
-                 tun: Any, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        identity: Identity,
+        endpoint: UdpEndpoint,
+        tun: Any,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.identity = identity
@@ -261,8 +281,7 @@ class Server:
         self.lease_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the pumps (and every session under them) until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.udp_pump, nursery)
@@ -299,17 +318,24 @@ class Server:
             return session
         if header.version is not None and header.version not in self.quic_config.supported_versions:
             if header.packet_type != QuicPacketType.VERSION_NEGOTIATION:
-                self.endpoint.send(encode_quic_version_negotiation(
-                    source_cid=header.destination_cid, destination_cid=header.source_cid,
-                    supported_versions=self.quic_config.supported_versions), addr)
+                self.endpoint.send(
+                    encode_quic_version_negotiation(
+                        source_cid=header.destination_cid,
+                        destination_cid=header.source_cid,
+                        supported_versions=self.quic_config.supported_versions,
+                    ),
+                    addr,
+                )
             return None
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
             self.drops["udp_unknown_connection"] += 1
             return None
-        quic = QuicConnection(configuration=self.quic_config,
-                              original_destination_connection_id=header.destination_cid,
-                              session_ticket_fetcher=self.tickets.pop,
-                              session_ticket_handler=self.tickets.add)
+        quic = QuicConnection(
+            configuration=self.quic_config,
+            original_destination_connection_id=header.destination_cid,
+            session_ticket_fetcher=self.tickets.pop,
+            session_ticket_handler=self.tickets.add,
+        )
         session = ServerSession(self, quic, addr)
         self.cids[header.destination_cid] = session
         self.cids[quic.host_cid] = session
@@ -396,9 +422,11 @@ class Server:
         for packed in session.own_sources:
             if self.routes.get(packed) is session:
                 del self.routes[packed]
-        if session.lease is not None and all(
-            self.routes.get(p) is not session for p in session.own_sources
-        ) and not any(s.lease is session.lease for s in self.sessions):
+        if (
+            session.lease is not None
+            and all(self.routes.get(p) is not session for p in session.own_sources)
+            and not any(s.lease is session.lease for s in self.sessions)
+        ):
             self.authority.release(session.lease.owner, now=trio.current_time())
             self.lease_changed.set()
 
@@ -422,8 +450,9 @@ class Server:
         except TunnelError as exc:
             log.error("SIGHUP: %s; keeping the running configuration", exc)
             return
-        self.authority.reload(tokens=TokenSet(fresh.auth_tokens),
-                              allowed_clients=fresh.allowed_clients)
+        self.authority.reload(
+            tokens=TokenSet(fresh.auth_tokens), allowed_clients=fresh.allowed_clients
+        )
         log.info("SIGHUP: reloaded %d token(s) and allowed_clients", len(fresh.auth_tokens))
 
     def status(self) -> dict[str, Any]:
@@ -448,16 +477,19 @@ def _authority(config: ServerConfig, identity: Identity) -> Authority:
         allowed_clients=config.allowed_clients,
         max_clients=config.max_clients,
         pool4=AddressPool(config.network, config.server_ip, key="network")
-        if config.network is not None else None,
+        if config.network is not None
+        else None,
         pool6=AddressPool(config.network6, config.server_ip6, key="network6")
-        if config.network6 is not None else None,
+        if config.network6 is not None
+        else None,
         mtu=config.mtu,
         lease_grace=config.lease_grace,
     )
 
 
-async def run_server(config: ServerConfig, options: RunOptions,
-                     platform: Platform = SYSTEM) -> None:
+async def run_server(
+    config: ServerConfig, options: RunOptions, platform: Platform = SYSTEM
+) -> None:
     """Run the server until SIGTERM/SIGINT (or until cancelled)."""
     check_ready_fd(options.ready_fd)
     identity = read_key_file(config.key_file)
@@ -474,10 +506,17 @@ async def run_server(config: ServerConfig, options: RunOptions,
                 host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
         control = ControlServer(config.control_socket, server.status)
         await control.bind()
-        log.info("server %s listening on %s, %s up (%s)", identity.public_id,
-                 _format_addr(endpoint.local_address), tun.name,
-                 ", ".join(f"{p.server_ip}/{p.network.prefixlen}"
-                           for p in (server.authority.pool4, server.authority.pool6) if p is not None))
+        log.info(
+            "server %s listening on %s, %s up (%s)",
+            identity.public_id,
+            _format_addr(endpoint.local_address),
+            tun.name,
+            ", ".join(
+                f"{p.server_ip}/{p.network.prefixlen}"
+                for p in (server.authority.pool4, server.authority.pool6)
+                if p is not None
+            ),
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals, nursery.cancel_scope, server.reload)
             nursery.start_soon(control.serve)
@@ -485,12 +524,11 @@ async def run_server(config: ServerConfig, options: RunOptions,
             notify_ready(options.ready_fd)
         log.info("server stopped")
     finally:
-        with trio.move_on_after(CLEANUP_S, shield=True):
-            if control is not None:
-                control.close()
-            if endpoint is not None:
-                endpoint.close()
-            host_changes.undo()
-            host_changes.close()
-            tun.close()
-
+        # Synchronous on purpose: undoing our changes to the host cannot be cancelled halfway.
+        if control is not None:
+            control.close()
+        if endpoint is not None:
+            endpoint.close()
+        host_changes.undo()
+        host_changes.close()
+        tun.close()

@@ -59,8 +59,9 @@ class Channel:
             self.quic.send_datagram_frame(packet)
         else:
             # Too large for one datagram: reliable, ordered, but delivered.
-            self.quic.send_stream_data(CONTROL_STREAM, bytes((FRAME_PACKET,)) +
-                                       size.to_bytes(4, "big") + packet)
+            self.quic.send_stream_data(
+                CONTROL_STREAM, bytes((FRAME_PACKET,)) + size.to_bytes(4, "big") + packet
+            )
         self.bytes_out += size
         self.packets_out += 1
         self.dirty = True
@@ -70,5 +71,9 @@ class Channel:
         self.dirty = True
 
     def counters(self) -> dict[str, int]:
-        return {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "packets_in": self.packets_in, "packets_out": self.packets_out}
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+        }

@@ -32,12 +32,16 @@ class TunDevice:
         except OSError as exc:
             raise SystemSetupError(f"cannot open /dev/net/tun: {exc.strerror}") from exc
         try:
-            ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, name.encode(), IFF_TUN | IFF_NO_PI))
+            ifr = fcntl.ioctl(
+                fd, TUNSETIFF, struct.pack(_IFREQ, name.encode(), IFF_TUN | IFF_NO_PI)
+            )
         except OSError as exc:
             os.close(fd)
             if exc.errno == errno.EBUSY:
                 raise SystemSetupError(f"tun_name: device {name!r} is already in use") from exc
-            raise SystemSetupError(f"tun_name: cannot create TUN device {name!r}: {exc.strerror}") from exc
+            raise SystemSetupError(
+                f"tun_name: cannot create TUN device {name!r}: {exc.strerror}"
+            ) from exc
         self.fd: int = fd
         self.name: str = ifr[:16].rstrip(b"\0").decode()
         self.read_errors = 0

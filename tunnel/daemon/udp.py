@@ -38,8 +38,9 @@ class UdpEndpoint:
         self.send_drops = 0
 
     @classmethod
-    async def bind(cls, host: str, port: int, *, key: str, family: int | None = None
-                   ) -> UdpEndpoint:
+    async def bind(
+        cls, host: str, port: int, *, key: str, family: int | None = None
+    ) -> UdpEndpoint:
         if family is None:
             family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
             if host not in ("", "::", "0.0.0.0") and not _is_literal(host):

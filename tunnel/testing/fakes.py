@@ -153,8 +153,14 @@ class FakeHostChanges:
     def add_address(self, ifname: str, address: Any, prefixlen: int) -> None:
         self.applied.append(("address", ifname, f"{address}/{prefixlen}"))
 
-    def add_route(self, network: Any, *, ifname: str | None = None, via: str | None = None,
-                  oif: int | None = None) -> None:
+    def add_route(
+        self,
+        network: Any,
+        *,
+        ifname: str | None = None,
+        via: str | None = None,
+        oif: int | None = None,
+    ) -> None:
         self.applied.append(("route", str(network), ifname, via))
 
     def route_to(self, address: Any) -> tuple[str | None, int | None]:
@@ -181,8 +187,9 @@ class FakePlatform:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         return family, (host, port)
 
-    async def open_udp(self, host: str, port: int, *, key: str, family: int | None = None
-                       ) -> FakeEndpoint:
+    async def open_udp(
+        self, host: str, port: int, *, key: str, family: int | None = None
+    ) -> FakeEndpoint:
         if host in ("", "::", "0.0.0.0"):
             host = self.host
         return self.network.bind(host, port)
