@@ -111,9 +111,13 @@ def _socket_exists(path: Path) -> bool:
 def _status_socket(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return args.socket
+    from tunnel.daemon.runtime import control_socket_path
+
     if args.config is not None:
-        return load_control_socket(args.config)
-    return DEFAULT_SERVER_SOCKET if _socket_exists(DEFAULT_SERVER_SOCKET) else DEFAULT_CLIENT_SOCKET
+        return control_socket_path(load_control_socket(args.config))
+    server = control_socket_path(DEFAULT_SERVER_SOCKET)
+    client = control_socket_path(DEFAULT_CLIENT_SOCKET)
+    return server if _socket_exists(server) else client
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

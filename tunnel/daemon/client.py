@@ -60,6 +60,7 @@ from tunnel.daemon.quic import (
 from tunnel.daemon.runtime import (
     ControlServer,
     check_ready_fd,
+    control_socket_path,
     lone_errors_unwrapped,
     notify_ready,
     watch_signals,
@@ -586,7 +587,7 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
     check_ready_fd(options.ready_fd)
     identity = read_key_file(config.key_file) if config.key_file else Identity.generate()
     client = Client(config, identity, options)
-    control = ControlServer(config.control_socket, client.status)
+    control = ControlServer(control_socket_path(config.control_socket), client.status)
     try:
         await control.bind()
         log.info(

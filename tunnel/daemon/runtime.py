@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from tunnel.config import DEFAULT_CLIENT_SOCKET, DEFAULT_SERVER_SOCKET
 from tunnel.errors import SystemSetupError, TunnelError
 
 log = logging.getLogger("tunnel")
@@ -87,6 +88,29 @@ async def watch_signals(
             log.info("%s received: shutting down", signal.Signals(signum).name)
             cancel_scope.cancel()
             return
+
+
+def _netns_inode(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def control_socket_path(configured: Path) -> Path:
+    """Where the control socket really lives.
+
+    A socket path is global, but network namespaces are not: two daemons with the default
+    path in two namespaces must not collide. Outside the host's own namespace the default
+    path gets the namespace's inode as a suffix (``client-4026532281.sock``); a path set in
+    the config is used as it is.
+    """
+    if configured not in (DEFAULT_SERVER_SOCKET, DEFAULT_CLIENT_SOCKET):
+        return configured
+    mine, hosts = _netns_inode("self"), _netns_inode("1")
+    if mine is None or mine == hosts:
+        return configured
+    return configured.with_name(f"{configured.stem}-{mine}{configured.suffix}")
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -15,6 +15,7 @@ Task tree (every task lives in a nursery; cancelling the top tears everything do
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -65,6 +66,7 @@ from tunnel.daemon.quic import (
 from tunnel.daemon.runtime import (
     ControlServer,
     check_ready_fd,
+    control_socket_path,
     notify_ready,
     watch_signals,
 )
@@ -493,29 +495,31 @@ async def run_server(
     """Run the server until SIGTERM/SIGINT (or until cancelled)."""
     check_ready_fd(options.ready_fd)
     identity = read_key_file(config.key_file)
-    host_changes = platform.host_changes()
-    tun = platform.open_tun(config.tun_name)
-    endpoint: UdpEndpoint | None = None
-    control: ControlServer | None = None
-    try:
+    server: Server | None = None
+    # First, so that a second daemon with the same config is refused before touching anything.
+    control = ControlServer(control_socket_path(config.control_socket), lambda: server.status())
+    with contextlib.ExitStack() as undo:
+        # Synchronous undo on purpose: it cannot be cancelled halfway.
+        undo.callback(control.close)
+        tun = platform.open_tun(config.tun_name)
+        undo.callback(tun.close)
+        host_changes = platform.host_changes()
+        undo.callback(host_changes.close)
+        undo.callback(host_changes.undo)
         endpoint = await platform.open_udp(config.listen_host, config.listen_port, key="listen")
+        undo.callback(endpoint.close)
         server = Server(config, identity, endpoint, tun, options.config_path)
         host_changes.bring_up(tun.name, config.mtu)
-        for pool in (server.authority.pool4, server.authority.pool6):
-            if pool is not None:
-                host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
-        control = ControlServer(config.control_socket, server.status)
+        pools = [p for p in (server.authority.pool4, server.authority.pool6) if p is not None]
+        for pool in pools:
+            host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
         await control.bind()
         log.info(
             "server %s listening on %s, %s up (%s)",
             identity.public_id,
             _format_addr(endpoint.local_address),
             tun.name,
-            ", ".join(
-                f"{p.server_ip}/{p.network.prefixlen}"
-                for p in (server.authority.pool4, server.authority.pool6)
-                if p is not None
-            ),
+            ", ".join(f"{p.server_ip}/{p.network.prefixlen}" for p in pools),
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals, nursery.cancel_scope, server.reload)
@@ -523,12 +527,3 @@ async def run_server(
             await nursery.start(server.run)
             notify_ready(options.ready_fd)
         log.info("server stopped")
-    finally:
-        # Synchronous on purpose: undoing our changes to the host cannot be cancelled halfway.
-        if control is not None:
-            control.close()
-        if endpoint is not None:
-            endpoint.close()
-        host_changes.undo()
-        host_changes.close()
-        tun.close()
