@@ -16,7 +16,7 @@ from tunnel.core.tokens import new_token
 from tunnel.daemon.client import Client, GaveUp
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD
 from tunnel.daemon.server import Server
-from tunnel.errors import IdentityMismatch, PeerRejected
+from tunnel.errors import IdentityMismatch, PeerRejected, SessionLost
 from tunnel.testing.fakes import FakeNetwork, FakePlatform, FakeTun
 
 SERVER_ADDR = ("192.0.2.1", 4433)
@@ -360,3 +360,48 @@ async def test_client_moves_to_a_new_socket_when_its_path_dies(autojump_clock):
             await server.tun.wait_written(1)
         (session,) = server.status()["sessions"]
         assert session["remote"] != f"{dead[0]}:{dead[1]}"
+
+
+async def test_repeated_auth_failures_are_rate_limited_per_source(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        for _ in range(5):
+            await expect_permanent(network, "203.0.113.7", PeerRejected,
+                                   "Invalid authentication token", auth_token=new_token())
+        # Even the right token is refused from that source for a while...
+        client = Client(client_config(auto_reconnect=False), Identity.generate(), RunOptions(),
+                        FakePlatform(network, "203.0.113.7"))
+        with trio.fail_after(5), pytest.raises(SessionLost, match="too many failed attempts"):
+            await client.supervise()
+        assert server.rate_limited == 1
+        # ...while everyone else gets in as usual.
+        async with running_client(network, "198.51.100.2") as a:
+            assert a.addresses()
+
+
+async def test_under_load_new_clients_must_answer_a_retry(autojump_clock, monkeypatch):
+    monkeypatch.setattr("tunnel.daemon.server.RETRY_ABOVE", 0)
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        assert a.addresses()
+        assert server.retries_sent == 1
+
+
+async def test_handshakes_in_flight_are_limited_per_source(autojump_clock, monkeypatch):
+    monkeypatch.setattr("tunnel.daemon.server.MAX_PENDING_PER_SOURCE", 2)
+    from aioquic.quic.connection import QuicConnection
+
+    from tunnel.daemon.quic import client_configuration
+
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        for port in range(5000, 5004):  # four silent peers from one address
+            endpoint = network.bind("203.0.113.9", port)
+            quic = QuicConnection(configuration=client_configuration())
+            quic.connect(SERVER_ADDR, now=trio.current_time())
+            endpoint.send_batch(quic.datagrams_to_send(now=trio.current_time()))
+        await trio.sleep(0.5)
+        assert server.status()["pending_handshakes"] == 2
+        assert server.drops["handshake_limit"] == 2
+        async with running_client(network, "198.51.100.2") as a:  # others unaffected
+            assert a.addresses()

@@ -50,6 +50,9 @@ class Admission:
 
     response: AuthResponse
     lease: Lease | None = None
+    credentials_failed: bool = False
+    """The request's credentials were wrong (signature, token, identity): worth rate-limiting,
+    unlike "Server full", which is not the client's fault."""
 
 
 class Authority:
@@ -95,7 +98,9 @@ class Authority:
         """Decide on one request. An accepted owner holds its lease until :meth:`release`."""
         reason = self._refusal(request, nonce)
         if reason is not None:
-            return Admission(AuthResponse(accepted=False, reject_reason=reason))
+            return Admission(
+                AuthResponse(accepted=False, reject_reason=reason), credentials_failed=True
+            )
         owner: Owner = (request.client_id, request.device_id)
         lease = self._leases.get(owner)
         if lease is None or lease.released_at is not None:

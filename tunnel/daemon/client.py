@@ -109,7 +109,7 @@ class ClientSession(Channel):
         self.client = client
         self.endpoint = endpoint
         self.server_addr = server_addr
-        self.driver = QuicDriver(quic, self._send_datagram, self._handle_event)
+        self.driver = QuicDriver(quic, self._send_datagrams, self._handle_event)
         self.rebinds = 0
         self.hello_decoder = FrameDecoder()
         self.response: AuthResponse | None = None
@@ -245,8 +245,8 @@ class ClientSession(Channel):
             driver.pump()
             self._flush()
 
-    def _send_datagram(self, data: bytes, addr: Any) -> None:
-        self.endpoint.send(data, addr)
+    def _send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        self.endpoint.send_batch(datagrams)
 
     async def rebind(self) -> None:
         """Move the connection to a fresh UDP socket (and a fresh connection ID).
@@ -415,13 +415,13 @@ class Client:
                 session = await self._open_session()
                 await self._run_session(session)
             except (SessionLost, HandshakeTimeout) as exc:
+                if not self.config.auto_reconnect:
+                    raise SessionLost(f"{exc} (auto_reconnect is off)") from None
                 log.warning("%s", exc)
             finally:
                 if session is not None:
                     session.endpoint.close()
                 self.session = None
-            if not self.config.auto_reconnect:
-                raise SessionLost("session lost and auto_reconnect is off")
             if session is not None and session.packets_in > 0 and session.packets_out > 0:
                 # The session carried traffic: start over as if it were the first failure.
                 backoff.reset()

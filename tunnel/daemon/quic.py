@@ -141,13 +141,14 @@ def smoothed_rtt(quic: QuicConnection) -> float | None:
 
 
 class QuicDriver:
-    """Drives one QuicConnection: events out to ``handle_event``, datagrams out through ``send``,
-    and one timer task (:meth:`run_timer`) that must run in the owning session's nursery."""
+    """Drives one QuicConnection: events out to ``handle_event``, datagrams out through ``send``
+    (a whole batch at a time, so the socket can send it in one system call), and one timer task
+    (:meth:`run_timer`) that must run in the owning session's nursery."""
 
     def __init__(
         self,
         quic: QuicConnection,
-        send: Callable[[bytes, Address], None],
+        send: Callable[[list[tuple[bytes, Address]]], None],
         handle_event: Callable[[QuicEvent], None],
     ) -> None:
         self.quic = quic
@@ -170,9 +171,9 @@ class QuicDriver:
         self.transmit()
 
     def transmit(self) -> None:
-        send = self._send
-        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
-            send(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if datagrams:
+            self._send(datagrams)
         scope = self._timer_scope
         if scope is not None:
             timer = self.quic.get_timer()

@@ -15,7 +15,9 @@ Task tree (every task lives in a nursery; cancelling the top tears everything do
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -36,9 +38,11 @@ from aioquic.quic.events import (
 )
 from aioquic.quic.packet import (
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from tunnel.config import RunOptions, ServerConfig, load_server_config
 from tunnel.core.authority import Authority, Lease
@@ -54,6 +58,7 @@ from tunnel.core.messages import (
     ServerHello,
     encode_frame,
 )
+from tunnel.core.ratelimit import FailureLimiter
 from tunnel.core.tokens import TokenSet
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
@@ -84,9 +89,20 @@ CLOSE_PROTOCOL = 0x101
 CLOSE_HANDSHAKE_TIMEOUT = 0x102
 CLOSE_REPLACED = 0x103
 CLOSE_SHUTDOWN = 0x104
+CLOSE_RATE_LIMITED = 0x106
+# A server under a flood of new connections: at most this many handshakes in flight from one
+# source address and overall; past RETRY_ABOVE pending handshakes, new clients must prove their
+# address with a QUIC Retry round trip first.
+MAX_PENDING_PER_SOURCE = 16
+MAX_PENDING = 1024
+RETRY_ABOVE = 64
 SMALLEST_INITIAL = 1200
 UDP_BATCH = 64
 TUN_BATCH = 64
+
+
+def _digest(secret: str | None) -> bytes:
+    return hashlib.sha256(secret.encode()).digest() if secret is not None else b""
 
 
 def _short(client_id: bytes | None) -> str:
@@ -100,13 +116,14 @@ class ServerSession(Channel):
         super().__init__(quic, Drops())
         self.server = server
         self.remote = remote
-        self.driver = QuicDriver(quic, server.endpoint.send, self._handle_event)
+        self.driver = QuicDriver(quic, server.endpoint.send_batch, self._handle_event)
         self.nonce = secrets.token_bytes(32)
         self.client_id: bytes | None = None
         self.device_id: int | None = None
         self.lease: Lease | None = None
         self.own_sources: frozenset[bytes] = frozenset()
         self.established = trio.Event()
+        self.handshake_over = trio.Event()  # established, or given up
         self.closed = trio.Event()
         self.started_at = trio.current_time()
         self.log = SessionLog(log, {"client": "-"})
@@ -134,6 +151,7 @@ class ServerSession(Channel):
             else:
                 self.log.info("connection closed by peer")
             self.closed.set()
+            self.handshake_over.set()
 
     def send_hello(self) -> None:
         """Our nonce goes out on the first server-initiated stream, with the handshake flight."""
@@ -175,9 +193,19 @@ class ServerSession(Channel):
     def _authenticate(self, request: AuthRequest) -> None:
         self.client_id, self.device_id = request.client_id, request.device_id
         self.log = SessionLog(log, {"client": _short(request.client_id)})
-        admission = self.server.authority.authorize(
-            request, nonce=self.nonce, now=trio.current_time()
+        now = trio.current_time()
+        limiter = self.server.auth_limiter
+        # Keys for repeated failures: the source address, and this identity with this token
+        # (hashed: tokens never stay in memory longer than needed, nor reach a log).
+        keys = (
+            ("source", self.remote[0]),
+            ("credentials", request.client_id, _digest(request.auth_token)),
         )
+        if any(limiter.blocked(key, now) for key in keys):
+            self.server.rate_limited += 1
+            self.close(CLOSE_RATE_LIMITED, "too many failed attempts, try again later")
+            return
+        admission = self.server.authority.authorize(request, nonce=self.nonce, now=now)
         response: AuthResponse = admission.response
         self.send_frame(response)
         if not response.accepted:
@@ -185,6 +213,15 @@ class ServerSession(Channel):
             self.log.warning(
                 "rejected from %s: %s", _format_addr(self.remote), response.reject_reason
             )
+            if admission.credentials_failed:
+                for key in keys:
+                    if limiter.failed(key, now):
+                        self.log.warning(
+                            "repeated failures from %s: rate limited",
+                            _format_addr(self.remote)
+                            if key[0] == "source"
+                            else "this identity and token",
+                        )
             self.close(CLOSE_REJECTED, response.reject_reason or "rejected")
             return
         self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload)
@@ -199,21 +236,26 @@ class ServerSession(Channel):
             request.device_id,
         )
         self.established.set()
+        self.handshake_over.set()
 
     def close(self, code: int, reason: str) -> None:
         self.quic.close(error_code=code, reason_phrase=reason)
         self.dirty = True
+        self.handshake_over.set()
 
     # -- lifetime -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Owns the session's tasks; returns when the connection has ended, cleaned up."""
+        pending = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.driver.run_timer)
                 with trio.move_on_after(self.server.config.handshake_timeout):
-                    await self.established.wait()
-                if not self.established.is_set() and not self.closed.is_set():
+                    await self.handshake_over.wait()
+                pending = False
+                self.server.handshake_finished(self)
+                if not self.handshake_over.is_set():
                     self.log.info(
                         "handshake from %s not completed in time: dropped",
                         _format_addr(self.remote),
@@ -223,6 +265,8 @@ class ServerSession(Channel):
                 await self.closed.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            if pending:
+                self.server.handshake_finished(self)
             if not self.closed.is_set():
                 # Cancelled (server shutting down): tell the client now, not at its timeout.
                 self.close(CLOSE_SHUTDOWN, "server shutting down")
@@ -279,6 +323,12 @@ class Server:
         self.sessions: set[ServerSession] = set()
         self.drops = Drops()
         self.auth_failures = 0
+        self.rate_limited = 0
+        self.auth_limiter = FailureLimiter()
+        self.retry = QuicRetryTokenHandler()
+        self.retries_sent = 0
+        self.pending_total = 0
+        self.pending_by_source: collections.Counter[str] = collections.Counter()
         self.started_at = trio.current_time()
         self.lease_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -332,13 +382,39 @@ class Server:
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
             self.drops["udp_unknown_connection"] += 1
             return None
+        source = addr[0]
+        if self.pending_total >= MAX_PENDING or (
+            self.pending_by_source[source] >= MAX_PENDING_PER_SOURCE
+        ):
+            self.drops["handshake_limit"] += 1
+            return None
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            # The client answers our Retry: its token proves it owns its address.
+            try:
+                original_cid = self.retry.validate_token(
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
+                    now=now,
+                )
+            except ValueError:
+                self.drops["retry_token_invalid"] += 1
+                return None
+            retry_cid = header.destination_cid
+        elif self.pending_total >= RETRY_ABOVE:
+            self._send_retry(header, addr, now)
+            return None
         quic = QuicConnection(
             configuration=self.quic_config,
-            original_destination_connection_id=header.destination_cid,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
             session_ticket_fetcher=self.tickets.pop,
             session_ticket_handler=self.tickets.add,
         )
         session = ServerSession(self, quic, addr)
+        self.pending_by_source[source] += 1
+        self.pending_total += 1
         self.cids[header.destination_cid] = session
         self.cids[quic.host_cid] = session
         self.sessions.add(session)
@@ -347,6 +423,34 @@ class Server:
         assert self._nursery is not None
         self._nursery.start_soon(session.run)
         return session
+
+    def _send_retry(self, header: Any, addr: Any, now: float) -> None:
+        new_cid = secrets.token_bytes(8)
+        token = self.retry.create_token(
+            address=addr,
+            original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=new_cid,
+            now=now,
+        )
+        self.endpoint.send(
+            encode_quic_retry(
+                version=header.version,
+                source_cid=new_cid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            ),
+            addr,
+        )
+        self.retries_sent += 1
+
+    def handshake_finished(self, session: ServerSession) -> None:
+        """A pending handshake ended (accepted, rejected or dropped): it no longer counts."""
+        source = session.remote[0]
+        self.pending_total -= 1
+        self.pending_by_source[source] -= 1
+        if self.pending_by_source[source] <= 0:
+            del self.pending_by_source[source]
 
     # -- packets between sessions and the TUN ---------------------------------------------------
 
@@ -466,8 +570,10 @@ class Server:
             "uptime": round(trio.current_time() - self.started_at, 3),
             "pid": os.getpid(),
             "sessions": [s.status() for s in self.sessions if s.lease is not None],
-            "pending_handshakes": sum(1 for s in self.sessions if s.lease is None),
+            "pending_handshakes": self.pending_total,
             "auth_failures": self.auth_failures,
+            "rate_limited": self.rate_limited,
+            "retries_sent": self.retries_sent,
             "drops": dict(self.drops) | {"tun_write": self.tun.write_drops},
         }
 

@@ -98,6 +98,10 @@ class FakeEndpoint:
             return
         self.network.deliver(bytes(data), self.local_address, addr)
 
+    def send_batch(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        for data, addr in datagrams:
+            self.send(data, addr)
+
     def close(self) -> None:
         self.inbox.close()
         self.network.endpoints.pop(self.local_address, None)

@@ -19,7 +19,6 @@ Every name carries ``tnl-``, the pid and a counter, so concurrent runs never col
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import logging
@@ -50,6 +49,7 @@ __all__ = [
     "reap_stale",
     "start_daemon",
     "open_daemon_nursery",
+    "pid_alive",
     "run",
 ]
 
@@ -543,6 +543,8 @@ def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists (zombies included)."""
     try:
         os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
     return True
