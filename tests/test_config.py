@@ -3,6 +3,7 @@ configs, the loaders, and the examples in docs/CONFIG.md."""
 
 from __future__ import annotations
 
+import base64
 import re
 import tempfile
 import tomllib
@@ -35,7 +36,8 @@ from tunnel.errors import ConfigError, TokenError
 TOKEN = new_token()
 TOKEN2 = new_token()
 # A well-formed token whose checksum is wrong: flip the last character.
-BAD_TOKEN = TOKEN[:-1] + ("A" if TOKEN[-1] != "A" else "B")
+# Well-formed base64url of 34 bytes whose last two bytes are not the CRC of the first 32.
+BAD_TOKEN = "v" + base64.urlsafe_b64encode(bytes(32) + b"\x00\x00").decode().rstrip("=")
 SERVER_ID = Identity.from_seed(bytes(range(32))).public_id
 CLIENT_ID = Identity.from_seed(bytes(32)).public_id
 DELETE = object()
@@ -650,15 +652,19 @@ def test_load_control_socket(tmp_path: Path) -> None:
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 
 
-def _doc_examples() -> dict[str, str]:
-    """The ```toml blocks of docs/CONFIG.md whose first line is '# <name>.toml'."""
-    text = DOCS.read_text()
+README = DOCS.parent.parent / "README.md"
+
+
+def _doc_examples(doc: Path) -> dict[str, str]:
+    """The ```toml blocks of a document whose first line is '# <name>.toml'."""
+    text = doc.read_text()
     blocks = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
     return {block.split("\n", 1)[0].lstrip("# ").strip(): block for block in blocks}
 
 
-def test_doc_examples_are_valid_configs() -> None:
-    examples = _doc_examples()
+@pytest.mark.parametrize("doc", [DOCS, README], ids=["CONFIG.md", "README.md"])
+def test_doc_examples_are_valid_configs(doc: Path) -> None:
+    examples = _doc_examples(doc)
     # from_dict: the examples name key and token files that do not exist here.
     config = server_config_from_dict(tomllib.loads(examples["server.toml"]))
     assert config.network is not None and config.network6 is not None

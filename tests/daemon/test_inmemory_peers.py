@@ -8,6 +8,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunnel.config import RunOptions, client_config_from_dict, server_config_from_dict
 from tunnel.core.identity import Identity
@@ -405,3 +408,89 @@ async def test_handshakes_in_flight_are_limited_per_source(autojump_clock, monke
         assert server.drops["handshake_limit"] == 2
         async with running_client(network, "198.51.100.2") as a:  # others unaffected
             assert a.addresses()
+
+
+async def test_client_delivers_only_packets_addressed_to_it(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        session = next(iter(server.sessions))
+        session.send_packet(build_ipv4_udp(v4("10.78.0.1"), v4("192.168.1.5"), 1, 2, b"other"))
+        session.send_packet(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), 1, 2, b"mine"))
+        session.driver.transmit()
+        with trio.fail_after(2):
+            await a.tun.wait_written(1)
+        await trio.sleep(0.5)
+        assert [p[-4:] for p in a.tun.written] == [b"mine"]
+        assert a.drops["not_ours"] == 1
+
+
+async def test_a_replayed_signature_is_refused(autojump_clock, monkeypatch):
+    """An AuthRequest recorded from a real client's handshake, replayed on a new connection,
+    does not verify: the signature covers that connection's nonce only."""
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.events import ConnectionTerminated
+
+    from tunnel.core.messages import AuthRequest, encode_frame
+    from tunnel.daemon.client import ClientSession
+    from tunnel.daemon.quic import client_configuration
+
+    recorded: list[AuthRequest] = []
+    original = ClientSession.send_frame
+
+    def recording(self, frame):
+        if isinstance(frame, AuthRequest):
+            recorded.append(frame)
+        original(self, frame)
+
+    monkeypatch.setattr(ClientSession, "send_frame", recording)
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        async with running_client(network, "198.51.100.2"):
+            pass
+        (request,) = recorded
+        # The attacker: a fresh QUIC connection that sends the recorded request verbatim.
+        endpoint = network.bind("203.0.113.50", 6000)
+        quic = QuicConnection(configuration=client_configuration())
+        quic.connect(SERVER_ADDR, now=trio.current_time())
+        quic.send_stream_data(0, encode_frame(request))
+        closed = None
+        with trio.fail_after(5):
+            while closed is None:
+                endpoint.send_batch(quic.datagrams_to_send(now=trio.current_time()))
+                await trio.sleep(0.01)
+                for data, addr in endpoint.receive_batch(64):
+                    quic.receive_datagram(data, addr, now=trio.current_time())
+                timer = quic.get_timer()
+                if timer is not None and timer <= trio.current_time():
+                    quic.handle_timer(now=trio.current_time())
+                while (event := quic.next_event()) is not None:
+                    if isinstance(event, ConnectionTerminated):
+                        closed = event
+        assert closed.reason_phrase == "invalid client signature"
+        assert server.auth_failures == 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(datagrams=st.lists(st.binary(max_size=1500), max_size=20),
+       packets=st.lists(st.binary(max_size=200), max_size=20))
+def test_garbage_never_disturbs_the_server(datagrams, packets):
+    """Random bytes on the UDP port and random 'IP packets' from an admitted client: the server
+    neither raises nor loses its session."""
+
+    async def scenario():
+        network = FakeNetwork()
+        async with running_server(network) as server, \
+                running_client(network, "198.51.100.2") as a:
+            junk = network.bind("203.0.113.99", 7000)
+            junk.send_batch([(d, SERVER_ADDR) for d in datagrams])
+            for packet in packets:
+                a.tun.inject(packet)
+            await trio.sleep(1)
+            a.tun.inject(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, b"alive"))
+            with trio.fail_after(2):
+                await server.tun.wait_written(1)
+            assert server.tun.written[-1].endswith(b"alive") or any(
+                p.endswith(b"alive") for p in server.tun.written)
+            assert a.state == "connected"
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))

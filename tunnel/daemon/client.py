@@ -118,6 +118,7 @@ class ClientSession(Channel):
         self.ended = trio.Event()
         self.last_pong = trio.current_time()
         self.tun: TunDevice | None = None
+        self.own_addresses: frozenset[bytes] = frozenset()
         self.identity_verified = False
         self.resumed = False
         self._unverified_ticket: SessionTicket | None = None
@@ -130,11 +131,7 @@ class ClientSession(Channel):
 
     def _handle_event(self, event: QuicEvent) -> None:
         if isinstance(event, DatagramFrameReceived):
-            data = event.data
-            if self.tun is not None:
-                self.bytes_in += len(data)
-                self.packets_in += 1
-                self.tun.write(data)
+            self._packet_from_server(event.data)
         elif isinstance(event, StreamDataReceived):
             self._stream_data(event)
         elif isinstance(event, HandshakeCompleted):
@@ -164,6 +161,27 @@ class ClientSession(Channel):
                 reason = event.reason_phrase or f"code {event.error_code:#x}"
                 self._fail(SessionLost(f"connection closed: {reason}"))
 
+    def _packet_from_server(self, packet: bytes) -> None:
+        """Hot path: deliver a packet from the server if it is addressed to us."""
+        if self.tun is None:
+            return
+        self.bytes_in += len(packet)
+        self.packets_in += 1
+        version = packet[0] >> 4 if packet else 0
+        if version == 4 and len(packet) >= 20:
+            dst = packet[16:20]
+        elif version == 6 and len(packet) >= 40:
+            dst = packet[24:40]
+        else:
+            self.drops["malformed"] += 1
+            return
+        if dst not in self.own_addresses:
+            # Not for us: the server never routes such packets here; do not let anyone use
+            # the tunnel to inject traffic for other hosts behind this client.
+            self.drops["not_ours"] += 1
+            return
+        self.tun.write(packet)
+
     def _identity_verified(self) -> None:
         self.identity_verified = True
         if self._unverified_ticket is not None:
@@ -187,10 +205,7 @@ class ClientSession(Channel):
             return
         for frame in frames:
             if isinstance(frame, Packet):
-                if self.tun is not None:
-                    self.bytes_in += len(frame.data)
-                    self.packets_in += 1
-                    self.tun.write(frame.data)
+                self._packet_from_server(frame.data)
             elif isinstance(frame, Pong):
                 self.last_pong = trio.current_time()
             elif isinstance(frame, Ping):
@@ -469,6 +484,10 @@ class Client:
                     ) from None
                 try:
                     self._apply(response)
+                    session.own_addresses = frozenset(
+                        a.packed for a in (response.assigned_ip, response.assigned_ip6)
+                        if a is not None
+                    )
                     session.tun = self.tun
                     self.state = "connected"
                     self.session_started_at = trio.current_time()
