@@ -251,8 +251,8 @@ def _close(sock: socket.socket) -> None:
 
 @attrs.define(eq=False)
 class UdpRelay:
-    """A fault-injecting UDP relay from ``listen`` to ``upstream`` (``(host, port)`` each,
-    IP literals; port 0 in ``listen`` picks a free port, see :attr:`listen_address`).
+    """A fault-injecting UDP relay from ``listen`` to ``upstream`` (``(host, port)`` each;
+    port 0 in ``listen`` picks a free port, see :attr:`listen_address`).
 
     Run it with ``await nursery.start(relay.run)``, which returns the bound listen address.
     Change faults at any time by assigning the attributes; invalid values raise ValueError.
@@ -281,7 +281,7 @@ class UdpRelay:
     _flows: dict[Address, _Flow] = attrs.field(init=False, factory=dict)
     _heap: list[tuple[float, int, _Pending]] = attrs.field(init=False, factory=list)
     _seq: Any = attrs.field(init=False, factory=itertools.count)
-    _held: dict[tuple[int, bool], _Pending] = attrs.field(init=False, factory=dict)
+    _held: dict[tuple[_Flow, bool], _Pending] = attrs.field(init=False, factory=dict)
     _wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
     _up: _Counters = attrs.field(init=False, factory=_Counters)
     _down: _Counters = attrs.field(init=False, factory=_Counters)
@@ -361,6 +361,7 @@ class UdpRelay:
                 await self._read_clients(sock)
         finally:
             self._nursery = None
+            self._listen_sock = None
             for flow in list(self._flows.values()):
                 self._forget(flow)
             _close(sock)
@@ -426,8 +427,8 @@ class UdpRelay:
         _close(flow.sock)
         if self._flows.get(flow.client) is flow:
             del self._flows[flow.client]
-        self._held.pop((id(flow), True), None)
-        self._held.pop((id(flow), False), None)
+        self._held.pop((flow, True), None)
+        self._held.pop((flow, False), None)
 
     # -- upstream side --------------------------------------------------------------------------
 
@@ -474,7 +475,7 @@ class UdpRelay:
                 due += rng.random() * self.jitter
             if due > now:
                 counters.delayed += 1
-            key = (id(flow), up)
+            key = (flow, up)
             held = self._held.pop(key, None)
             pending = _Pending(data, flow, up)
             if held is None and self.reorder and rng.random() < self.reorder:
