@@ -241,12 +241,18 @@ _SESSION_KEYS = frozenset(
 
 
 def _extra_pairs(mapping: Mapping, known: frozenset[str]) -> list[tuple[str, str]]:
-    """Scalar entries this renderer does not know yet (a newer daemon), shown as they are."""
-    return [
-        (str(key), str(value))
-        for key, value in mapping.items()
-        if key not in known and isinstance(value, str | int | float | bool)
-    ]
+    """Entries this renderer has no special layout for (a newer daemon, optional features such
+    as NAT64): scalars as they are, tables as ``key=value`` pairs."""
+    pairs = []
+    for key, value in mapping.items():
+        if key in known:
+            continue
+        if isinstance(value, str | int | float | bool):
+            pairs.append((str(key), str(value)))
+        elif isinstance(value, Mapping):
+            pairs.append((str(key), ", ".join(f"{k}={v}" for k, v in value.items()
+                                              if v is not None) or "-"))
+    return pairs
 
 
 def render_status(status: object) -> str:

@@ -494,3 +494,28 @@ def test_garbage_never_disturbs_the_server(datagrams, packets):
             assert a.state == "connected"
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_ipv6_only_server_translates_to_ipv4_with_nat64(autojump_clock):
+    network = FakeNetwork()
+    nat64 = {"enabled": True, "source_ip": "192.0.2.77", "udp_timeout": 5.0}
+    async with running_server(network, network=None, nat64=nat64) as server, \
+            running_client(network, "198.51.100.2") as a:
+        assert a.addresses() == ["fd78::2/64"]  # IPv6 only
+        v4_host = v4("198.51.100.7")
+        a.tun.inject(build_ipv6_udp(v6("fd78::2"), v6("64:ff9b::198.51.100.7"), 5353, 53, b"q"))
+        with trio.fail_after(2):
+            await server.tun.wait_written(1)
+        out = server.tun.written[0]
+        assert out[0] >> 4 == 4 and out[12:16] == v4("192.0.2.77") and out[16:20] == v4_host
+        mapped_port = int.from_bytes(out[20:22], "big")
+        server.tun.inject(build_ipv4_udp(v4_host, v4("192.0.2.77"), 53, mapped_port, b"answer"))
+        with trio.fail_after(2):
+            await a.tun.wait_written(1)
+        back = a.tun.written[0]
+        assert back[0] >> 4 == 6
+        assert back[8:24] == v6("64:ff9b::198.51.100.7") and back[24:40] == v6("fd78::2")
+        assert int.from_bytes(back[42:44], "big") == 5353 and back.endswith(b"answer")
+        assert server.status()["nat64"]["udp"] == 1
+        await trio.sleep(6)  # past udp_timeout
+        assert server.status()["nat64"]["mappings"] == 0

@@ -2,9 +2,9 @@
 
 A :class:`FailureLimiter` counts failures per key (a source address, a token) in a leaky bucket:
 each failure adds one, the bucket drains at ``rate`` per second, and a key with ``burst``
-failures in its bucket is refused until it drains. Honest clients with the right credentials never fill a
-bucket, and one attacker's bucket is not anyone else's. Memory is bounded: the oldest keys are
-forgotten first.
+failures in its bucket is refused until it drains. Honest clients with the right credentials
+never fill a bucket, and one attacker's bucket is not anyone else's. Memory is bounded: the
+oldest keys are forgotten first.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from tunnel.core.messages import (
     ServerHello,
     encode_frame,
 )
+from tunnel.core.nat64 import Nat64
 from tunnel.core.ratelimit import FailureLimiter
 from tunnel.core.tokens import TokenSet
 from tunnel.daemon.platform import SYSTEM, Platform
@@ -332,6 +334,7 @@ class Server:
         self.started_at = trio.current_time()
         self.lease_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.nat64, self.nat64_source, self.nat64_prefix = _nat64(config, self.authority)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the pumps (and every session under them) until cancelled."""
@@ -339,6 +342,8 @@ class Server:
             nursery.start_soon(self.udp_pump, nursery)
             nursery.start_soon(self.tun_pump)
             nursery.start_soon(self.lease_reaper)
+            if self.nat64 is not None:
+                nursery.start_soon(self.nat64_reaper)
             task_status.started()
 
     # -- the UDP pump ---------------------------------------------------------------------------
@@ -478,12 +483,41 @@ class Server:
                 return
             peer.send_packet(packet)
             return
+        if version == 6 and dst[:12] == self.nat64_prefix:
+            self._nat64_outbound(session, packet)
+            return
         self.tun.write(packet)
+
+    def _nat64_outbound(self, session: ServerSession, packet: bytes) -> None:
+        assert self.nat64 is not None
+        result = self.nat64.outbound(packet, trio.current_time())
+        if result.packet is not None:
+            self.tun.write(result.packet)
+        if result.reply is not None:
+            session.send_packet(result.reply)  # e.g. hop limit exceeded, back to the client
+        if result.drop is not None:
+            self.drops[result.drop] += 1
+
+    def _nat64_inbound(self, packet: bytes) -> None:
+        assert self.nat64 is not None
+        result = self.nat64.inbound(packet, trio.current_time())
+        if result.reply is not None:
+            self.tun.write(result.reply)  # an ICMPv4 error toward the IPv4 sender
+        if result.drop is not None:
+            self.drops[result.drop] += 1
+        translated = result.packet
+        if translated is not None:
+            session = self.routes.get(translated[24:40])
+            if session is None:
+                self.drops["no_route"] += 1
+            else:
+                session.send_packet(translated)
 
     async def tun_pump(self) -> None:
         tun = self.tun
         routes = self.routes
         drops = self.drops
+        nat64_source = self.nat64_source
         while True:
             await tun.wait_readable()
             for packet in tun.read_batch(TUN_BATCH):
@@ -497,10 +531,21 @@ class Server:
                     continue
                 session = routes.get(dst)
                 if session is None:
-                    drops["no_route"] += 1
+                    if dst == nat64_source:
+                        self._nat64_inbound(packet)
+                    else:
+                        drops["no_route"] += 1
                     continue
                 session.send_packet(packet)
             self.flush()
+
+    async def nat64_reaper(self) -> None:
+        """Expire idle NAT64 mappings (each lookup also ignores expired ones; this frees them)."""
+        assert self.nat64 is not None
+        while True:
+            expiry = self.nat64.next_expiry()
+            await trio.sleep_until(trio.current_time() + 1.0 if expiry is None else expiry)
+            self.nat64.expire(trio.current_time())
 
     def flush(self) -> None:
         """Send what every touched session has queued."""
@@ -575,7 +620,45 @@ class Server:
             "rate_limited": self.rate_limited,
             "retries_sent": self.retries_sent,
             "drops": dict(self.drops) | {"tun_write": self.tun.write_drops},
+            "nat64": self._nat64_status(),
         }
+
+    def _nat64_status(self) -> dict[str, Any] | None:
+        if self.nat64 is None:
+            return None
+        stats = {k: v for k, v in self.nat64.stats().items() if v or not k.startswith("nat64_")}
+        return {
+            "prefix": str(self.config.nat64.prefix),
+            "source_ip": str(ipaddress.IPv4Address(self.nat64_source)),
+            **stats,
+        }
+
+
+NAT64_OWNER = ("nat64", 0)  # the pool lease holding the translator's source address
+
+
+def _nat64(config: ServerConfig, authority: Authority) -> tuple[Nat64 | None, bytes, bytes]:
+    """The translator, its IPv4 source (packed) and its /96 prefix's first 12 bytes, or
+    (None, b"", b"") when NAT64 is off. Without a configured ``source_ip`` the translator takes
+    an address of its own from the IPv4 pool: it must be one the kernel routes into our TUN,
+    never a local address of the server."""
+    settings = config.nat64
+    if not settings.enabled:
+        return None, b"", b""
+    source = settings.source_ip
+    if source is None:
+        assert authority.pool4 is not None  # the config requires source_ip or network
+        source = authority.pool4.allocate(NAT64_OWNER)
+    translator = Nat64(
+        prefix=settings.prefix,
+        source_ip=source,
+        port_range=settings.port_range,
+        tcp_timeout=settings.tcp_timeout,
+        udp_timeout=settings.udp_timeout,
+        icmp_timeout=settings.icmp_timeout,
+        mtu=config.mtu,
+    )
+    return translator, source.packed, settings.prefix.network_address.packed[:12]
 
 
 def _authority(config: ServerConfig, identity: Identity) -> Authority:
@@ -593,6 +676,29 @@ def _authority(config: ServerConfig, identity: Identity) -> Authority:
         mtu=config.mtu,
         lease_grace=config.lease_grace,
     )
+
+
+def _prepare_nat64(server: Server, host_changes: Any, tun_name: str) -> None:
+    """Make the kernel hand replies for the translator's source address to our TUN, and say so
+    plainly if this namespace does not forward IPv4 (translated packets would go nowhere)."""
+    source = ipaddress.IPv4Address(server.nat64_source)
+    pool4 = server.authority.pool4
+    if pool4 is None or source not in pool4.network:
+        host_changes.add_route(ipaddress.IPv4Network(f"{source}/32"), ifname=tun_name)
+    if not ipv4_forwarding_enabled():
+        log.warning(
+            "nat64: IPv4 forwarding is off in this network namespace "
+            "(net.ipv4.ip_forward = 0): translated packets will not leave this host"
+        )
+    log.info("nat64: %s -> IPv4 from %s", server.config.nat64.prefix, source)
+
+
+def ipv4_forwarding_enabled() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as knob:
+            return knob.read().strip() == "1"
+    except OSError:
+        return True  # cannot tell: do not warn
 
 
 async def run_server(
@@ -619,6 +725,8 @@ async def run_server(
         pools = [p for p in (server.authority.pool4, server.authority.pool6) if p is not None]
         for pool in pools:
             host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
+        if server.nat64 is not None:
+            _prepare_nat64(server, host_changes, tun.name)
         await control.bind()
         log.info(
             "server %s listening on %s, %s up (%s)",

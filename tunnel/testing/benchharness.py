@@ -59,6 +59,7 @@ __all__ = [
     "parse_ping",
     "ratios",
     "reap_own_leftovers",
+    "runqueue_wait_seconds",
 ]
 
 UNDERLAY_A = "10.99.0.1"
@@ -291,6 +292,19 @@ def cpu_seconds(pid: int) -> float:
     # comm (field 2) may hold spaces and parentheses: the fields we want follow the last ')'.
     fields = data[data.rindex(b")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (``schedstat``), in
+    seconds: high means the figures were limited by other load on the machine, not by the
+    contender. 0.0 where the kernel keeps no schedstats."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[1])
+    return total / 1e9
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str,
@@ -605,14 +619,20 @@ def _cpu_total(pids: Sequence[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
+def _wait_total(pids: Sequence[int]) -> float:
+    return sum(runqueue_wait_seconds(pid) for pid in pids)
+
+
 def _iperf3(bench: Bench, ep: Endpoints, *, reverse: bool, flows: int,
             seconds: float) -> dict[str, float]:
     argv = ["iperf3", "-c", ep.addr_a, "-p", str(IPERF_PORT), "-t", f"{seconds:g}",
             "-P", str(flows), "-J", "--connect-timeout", "3000", *(["-R"] if reverse else [])]
     for attempt in range(3):
         cpu_a, cpu_b = _cpu_total(ep.pids_a), _cpu_total(ep.pids_b)
+        wait_a, wait_b = _wait_total(ep.pids_a), _wait_total(ep.pids_b)
         proc = bench.run(bench.b, argv, check=False, timeout=seconds + 30)
         cpu_a, cpu_b = _cpu_total(ep.pids_a) - cpu_a, _cpu_total(ep.pids_b) - cpu_b
+        wait_a, wait_b = _wait_total(ep.pids_a) - wait_a, _wait_total(ep.pids_b) - wait_b
         try:
             result = parse_iperf3(proc.stdout)
         except BenchError as exc:
@@ -624,6 +644,8 @@ def _iperf3(bench: Bench, ep: Endpoints, *, reverse: bool, flows: int,
         gb = result["bytes"] / 1e9
         result["cpu_server_s"] = cpu_a
         result["cpu_client_s"] = cpu_b
+        result["runqueue_wait_server_s"] = wait_a
+        result["runqueue_wait_client_s"] = wait_b
         if ep.pids_a and gb > 0:
             result["cpu_server_s_per_gb"] = cpu_a / gb
             result["cpu_client_s_per_gb"] = cpu_b / gb
@@ -663,8 +685,13 @@ def measure(bench: Bench, contender: Contender, ep: Endpoints, *, seconds: float
                 cpu["server"] += result["cpu_server_s"]
                 cpu["client"] += result["cpu_client_s"]
                 cpu["bytes"] += result["bytes"]
+                secs = result["seconds"] or seconds
                 per_gb = (f", CPU {result['cpu_server_s_per_gb']:.1f}/"
-                          f"{result['cpu_client_s_per_gb']:.1f} s/GB server/client"
+                          f"{result['cpu_client_s_per_gb']:.1f} s/GB server/client; busy "
+                          f"{result['cpu_server_s'] / secs:.0%}/"
+                          f"{result['cpu_client_s'] / secs:.0%}, waiting for a CPU "
+                          f"{result['runqueue_wait_server_s'] / secs:.0%}/"
+                          f"{result['runqueue_wait_client_s'] / secs:.0%} of the time"
                           if "cpu_server_s_per_gb" in result else "")
                 log(f"  {key}: {result['mbit_s']:.0f} Mbit/s "
                     f"({result['retransmits']:.0f} retransmits{per_gb})")
@@ -855,7 +882,9 @@ def main(argv: Sequence[str], repo: Path) -> int:
     args = _parse_args(argv)
 
     def log(text: str) -> None:
-        print(text, flush=True)
+        # A closed pipe (`scripts/bench | head`) must not abort a run half-way.
+        with contextlib.suppress(BrokenPipeError):
+            print(text, flush=True)
 
     if os.geteuid() != 0:
         log("scripts/bench: needs root for network namespaces and TUN devices: "
