@@ -71,7 +71,7 @@ class Nat64Config:
     prefix: IPv6Network = NAT64_WELL_KNOWN_PREFIX
     """The /96 that embeds IPv4 addresses (RFC 6052)."""
     source_ip: IPv4Address | None = None
-    """IPv4 source of translated packets; None: the server's IPv4 tunnel address."""
+    """IPv4 source of translated packets; None: an address of the IPv4 pool, reserved for it."""
     port_range: tuple[int, int] = (32768, 65535)
     """Inclusive range of translated source ports (and ICMP identifiers)."""
     tcp_timeout: float = 300.0
@@ -552,6 +552,13 @@ def _nat64_from_table(
         raise t.error("enabled", "NAT64 needs 'network6' (it serves IPv6 clients)")
     if enabled and source_ip is None and network is None:
         raise t.error("enabled", "NAT64 needs 'nat64.source_ip' or 'network' for its IPv4 source")
+    if source_ip is not None and network is not None and source_ip in network:
+        # The pool could hand it to a client, or it is the server's own address.
+        raise t.error(
+            "source_ip",
+            f"{source_ip} is inside 'network' {network}; pick an address outside it, or leave "
+            "source_ip out to take one from the pool",
+        )
     return config
 
 
