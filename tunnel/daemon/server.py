@@ -364,6 +364,13 @@ class Server:
             self.flush()
 
     def _route_datagram(self, data: bytes, addr: Any, now: float) -> ServerSession | None:
+        if data and not data[0] & 0x80:
+            # Short header (every packet after the handshake): our connection IDs are 8 bytes
+            # and come right after the first byte, no need to parse the header twice.
+            session = self.cids.get(data[1:9])
+            if session is not None:
+                session.driver.receive(data, addr, now)
+                return session
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
