@@ -740,7 +740,7 @@ def format_table(results: dict[str, dict[str, Any]], names: Sequence[str]) -> st
         for name in names:
             res = results.get(name, {})
             if res.get("status") != "ok":
-                row.append(res.get("status", "-"))
+                row.append(res.get("status", "-").split(":")[0])
             else:
                 row.append(_cell(res["metrics"].get(key), unit))
         row.append(f"{ratio[key]:.2f}x" if key in ratio else "-")
@@ -753,6 +753,11 @@ def format_table(results: dict[str, dict[str, Any]], names: Sequence[str]) -> st
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for name in names:
+        status = results.get(name, {}).get("status", "not run")
+        if status != "ok":
+            reason = results.get(name, {}).get("reason", "")
+            lines.append(f"{name}: {status}{': ' + reason.splitlines()[0] if reason else ''}")
     return "\n".join(lines)
 
 
