@@ -519,3 +519,16 @@ async def test_ipv6_only_server_translates_to_ipv4_with_nat64(autojump_clock):
         assert server.status()["nat64"]["udp"] == 1
         await trio.sleep(6)  # past udp_timeout
         assert server.status()["nat64"]["mappings"] == 0
+
+
+async def test_server_never_sends_its_own_quic_traffic_into_the_tunnel(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        own = build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), SERVER_ADDR[1], 5555, b"loop")
+        server.tun.inject(own)
+        server.tun.inject(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), 53, 5555, b"fine"))
+        with trio.fail_after(2):
+            await a.tun.wait_written(1)
+        await trio.sleep(0.5)
+        assert [p[-4:] for p in a.tun.written] == [b"fine"]
+        assert server.drops["tunnel_port"] == 1

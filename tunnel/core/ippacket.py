@@ -58,8 +58,8 @@ def addresses_untrusted(packet: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
-def udp_destination_port_untrusted(packet: bytes) -> int | None:
-    """The UDP destination port of ``packet``, or ``None``.
+def udp_ports_untrusted(packet: bytes) -> tuple[int, int] | None:
+    """The UDP (source, destination) ports of ``packet``, or ``None``.
 
     IPv4: honours the IHL, reads within the total length and gives ``None`` for non-first
     fragments (they carry no UDP header). IPv6: only when the fixed header's next header is UDP
@@ -81,12 +81,21 @@ def udp_destination_port_untrusted(packet: bytes) -> int | None:
             or ((packet[6] & 0x1F) | packet[7])  # fragment offset != 0
         ):
             return None
-        return (packet[header + 2] << 8) | packet[header + 3]
+        return (
+            (packet[header] << 8) | packet[header + 1],
+            (packet[header + 2] << 8) | packet[header + 3],
+        )
     if version == 6:
         if n < _IPV6_HEADER + 4 or packet[6] != _PROTO_UDP:
             return None
-        return (packet[42] << 8) | packet[43]
+        return (packet[40] << 8) | packet[41], (packet[42] << 8) | packet[43]
     return None
+
+
+def udp_destination_port_untrusted(packet: bytes) -> int | None:
+    """The UDP destination port of ``packet``, or ``None`` (see :func:`udp_ports_untrusted`)."""
+    ports = udp_ports_untrusted(packet)
+    return None if ports is None else ports[1]
 
 
 def is_link_local_source(src: bytes) -> bool:

@@ -38,6 +38,7 @@ from aioquic.tls import SessionTicket
 from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.backoff import Backoff
 from tunnel.core.identity import Identity, encode_public_id
+from tunnel.core.ippacket import udp_ports_untrusted
 from tunnel.core.messages import (
     PROTOCOL_VERSION,
     AuthRequest,
@@ -88,7 +89,6 @@ CLOSE_REJECTED = 0x100  # sent by the server with the reason as phrase
 SERVER_HELLO_STREAM = 3  # the server's first unidirectional stream
 UDP_BATCH = 64
 TUN_BATCH = 64
-UDP_PROTOCOL = 17
 
 
 class GaveUp(TunnelError):
@@ -371,18 +371,13 @@ def _format_addr(addr: Any) -> str:
 
 
 def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) -> bool:
+    """Is this our own QUIC traffic to the server, routed back into the tunnel?"""
     version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 28:
-        if packet[9] != UDP_PROTOCOL or packet[16:20] != server_packed:
-            return False
-        offset = (packet[0] & 0x0F) * 4
-    elif version == 6 and len(packet) >= 48:
-        if packet[6] != UDP_PROTOCOL or packet[24:40] != server_packed:
-            return False
-        offset = 40
-    else:
+    dst = packet[16:20] if version == 4 else packet[24:40]
+    if dst != server_packed:
         return False
-    return packet[offset + 2 : offset + 4] == server_port.to_bytes(2, "big")
+    ports = udp_ports_untrusted(packet)
+    return ports is not None and ports[1] == server_port
 
 
 class Client:
@@ -485,7 +480,8 @@ class Client:
                 try:
                     self._apply(response)
                     session.own_addresses = frozenset(
-                        a.packed for a in (response.assigned_ip, response.assigned_ip6)
+                        a.packed
+                        for a in (response.assigned_ip, response.assigned_ip6)
                         if a is not None
                     )
                     session.tun = self.tun

@@ -48,6 +48,7 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from tunnel.config import RunOptions, ServerConfig, load_server_config
 from tunnel.core.authority import Authority, Lease
 from tunnel.core.identity import Identity, encode_public_id
+from tunnel.core.ippacket import udp_ports_untrusted
 from tunnel.core.ippool import AddressPool
 from tunnel.core.messages import (
     PROTOCOL_VERSION,
@@ -99,6 +100,7 @@ MAX_PENDING_PER_SOURCE = 16
 MAX_PENDING = 1024
 RETRY_ABOVE = 64
 SMALLEST_INITIAL = 1200
+UDP = 17
 UDP_BATCH = 64
 TUN_BATCH = 64
 
@@ -543,8 +545,16 @@ class Server:
                     else:
                         drops["no_route"] += 1
                     continue
+                if packet[9 if version == 4 else 6] == UDP and self._from_tunnel_port(packet):
+                    # Our own QUIC packets routed into the TUN would loop forever.
+                    drops["tunnel_port"] += 1
+                    continue
                 session.send_packet(packet)
             self.flush()
+
+    def _from_tunnel_port(self, packet: bytes) -> bool:
+        ports = udp_ports_untrusted(packet)
+        return ports is not None and ports[0] == self.config.listen_port
 
     async def nat64_reaper(self) -> None:
         """Expire idle NAT64 mappings (each lookup also ignores expired ones; this frees them)."""
