@@ -17,13 +17,6 @@ from tunnel.errors import SystemSetupError
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_SIZE = 65535
-# Linux UDP segmentation offloads; Python's socket module lacks the names.
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
-GSO_MAX_SEGMENTS = 64
-GSO_MAX_BYTES = 65000
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 async def resolve(host: str, port: int, *, key: str) -> tuple[int, Any]:
@@ -43,18 +36,6 @@ class UdpEndpoint:
         self.sock = sock
         self.local_address = sock.getsockname()
         self.send_drops = 0
-        # GSO: many equal-size datagrams in one sendmsg; GRO: many in one recvmsg. Both cut
-        # system calls per packet, the main cost after QUIC itself. Off if the kernel says no.
-        import os
-
-        self.gso = not os.environ.get("NOGSO")
-        try:
-            if os.environ.get("NOGRO"):
-                raise OSError
-            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            self.gro = True
-        except OSError:
-            self.gro = False
 
     @classmethod
     async def bind(
@@ -88,9 +69,7 @@ class UdpEndpoint:
         await trio.lowlevel.wait_readable(self.sock)
 
     def receive_batch(self, limit: int) -> list[tuple[bytes, Any]]:
-        """Up to about ``limit`` datagrams that are already waiting; never blocks."""
-        if self.gro:
-            return self._receive_coalesced(limit)
+        """Up to ``limit`` datagrams that are already waiting; never blocks."""
         batch = []
         recvfrom = self.sock.recvfrom
         try:
@@ -104,29 +83,6 @@ class UdpEndpoint:
             pass
         return batch
 
-    def _receive_coalesced(self, limit: int) -> list[tuple[bytes, Any]]:
-        batch: list[tuple[bytes, Any]] = []
-        recvmsg = self.sock.recvmsg
-        try:
-            while len(batch) < limit:
-                data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _GRO_CMSG_SPACE)
-                segment = 0
-                for level, kind, value in ancillary:
-                    if level == SOL_UDP and kind == UDP_GRO:
-                        segment = int.from_bytes(value[:4], "little")
-                if segment and len(data) > segment:
-                    view = memoryview(data)
-                    batch.extend(
-                        (bytes(view[i : i + segment]), addr) for i in range(0, len(data), segment)
-                    )
-                else:
-                    batch.append((data, addr))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            pass  # as in receive_batch
-        return batch
-
     def send(self, data: bytes, addr: Any) -> None:
         try:
             self.sock.sendto(data, addr)
@@ -136,43 +92,17 @@ class UdpEndpoint:
             self.send_drops += 1
 
     def send_batch(self, datagrams: list[tuple[bytes, Any]]) -> None:
-        """Send datagrams in order, runs of equal size to one address in one GSO call."""
-        if not self.gso or len(datagrams) == 1:
-            for data, addr in datagrams:
-                self.send(data, addr)
-            return
-        count = len(datagrams)
-        i = 0
-        while i < count:
-            data, addr = datagrams[i]
-            size = len(data)
-            j = i + 1
-            total = size
-            # A run: equal sizes, to one address; a shorter datagram may end it.
-            while j < count and j - i < GSO_MAX_SEGMENTS and total + size <= GSO_MAX_BYTES:
-                following, following_addr = datagrams[j]
-                if following_addr != addr or len(following) > size:
-                    break
-                total += len(following)
-                j += 1
-                if len(following) < size:
-                    break
-            if j - i == 1:
-                self.send(data, addr)
-            else:
-                self._send_segmented([d for d, _ in datagrams[i:j]], size, addr)
-            i = j
+        """Send what one QUIC flush produced, in order.
 
-    def _send_segmented(self, run: list[bytes], size: int, addr: Any) -> None:
-        try:
-            self.sock.sendmsg(run, [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
-        except OSError as exc:
-            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                self.gso = False  # the device or kernel cannot segment: send one by one
-                for data in run:
-                    self.send(data, addr)
-            else:
-                self.send_drops += len(run)
+        (UDP GSO/GRO were tried here and measured: on this path they cost as much CPU per
+        gigabyte as they saved; see docs/PERFORMANCE.md.)
+        """
+        sendto = self.sock.sendto
+        for data, addr in datagrams:
+            try:
+                sendto(data, addr)
+            except OSError:
+                self.send_drops += 1  # as in send()
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
