@@ -68,7 +68,7 @@ from tunnel.daemon.runtime import (
 )
 from tunnel.daemon.session import Channel, Drops
 from tunnel.daemon.tun import TunDevice
-from tunnel.daemon.udp import UdpEndpoint
+from tunnel.daemon.udp import UdpEndpoint, format_address
 from tunnel.errors import (
     EXIT_TEMPORARY,
     DecodeError,
@@ -281,7 +281,7 @@ class ClientSession(Channel):
         self.quic.change_connection_id()
         self.quic.send_ping(self.rebinds)
         self.driver.transmit()
-        log.info("path silent: moved to a new local socket %s", _format_addr(fresh.local_address))
+        log.info("path silent: moved to a new local socket %s", format_address(fresh.local_address))
 
     def _flush(self) -> None:
         if self.dirty:
@@ -355,7 +355,7 @@ class ClientSession(Channel):
         started = self.client.session_started_at
         return {
             "server_id": encode_public_id(self.client.config.server_id),
-            "remote": _format_addr(self.server_addr),
+            "remote": format_address(self.server_addr),
             "addresses": self.client.addresses() if self.tun is not None else [],
             **self.counters(),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
@@ -363,11 +363,6 @@ class ClientSession(Channel):
             "resumed": self.resumed,
             "rebinds": self.rebinds,
         }
-
-
-def _format_addr(addr: Any) -> str:
-    host = addr[0]
-    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
 def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) -> bool:

@@ -79,7 +79,7 @@ from tunnel.daemon.runtime import (
     watch_signals,
 )
 from tunnel.daemon.session import CONTROL_STREAM, Channel, Drops, SessionLog
-from tunnel.daemon.udp import UdpEndpoint
+from tunnel.daemon.udp import UdpEndpoint, format_address
 from tunnel.errors import DecodeError, TunnelError
 from tunnel.keyfile import read_key_file
 
@@ -215,14 +215,14 @@ class ServerSession(Channel):
         if not response.accepted:
             self.server.auth_failures += 1
             self.log.warning(
-                "rejected from %s: %s", _format_addr(self.remote), response.reject_reason
+                "rejected from %s: %s", format_address(self.remote), response.reject_reason
             )
             if admission.credentials_failed:
                 for key in keys:
                     if limiter.failed(key, now):
                         self.log.warning(
                             "repeated failures from %s: rate limited",
-                            _format_addr(self.remote)
+                            format_address(self.remote)
                             if key[0] == "source"
                             else "this identity and token",
                         )
@@ -235,7 +235,7 @@ class ServerSession(Channel):
         self.server.attach(self)
         self.log.info(
             "session up from %s: %s (device %016x)",
-            _format_addr(self.remote),
+            format_address(self.remote),
             ", ".join(str(a) for a in self.lease.addresses),
             request.device_id,
         )
@@ -262,7 +262,7 @@ class ServerSession(Channel):
                 if not self.handshake_over.is_set():
                     self.log.info(
                         "handshake from %s not completed in time: dropped",
-                        _format_addr(self.remote),
+                        format_address(self.remote),
                     )
                     self.close(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout")
                     self.driver.transmit()
@@ -288,19 +288,12 @@ class ServerSession(Channel):
             "client_id": encode_public_id(self.client_id) if self.client_id else None,
             "device_id": self.device_id,
             "addresses": [str(a) for a in self.lease.addresses] if self.lease else [],
-            "remote": _format_addr(self.current_remote()),
+            "remote": format_address(self.current_remote()),
             **self.counters(),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "uptime": round(trio.current_time() - self.started_at, 3),
             "drops": dict(self.drops),
         }
-
-
-def _format_addr(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Server:
@@ -627,7 +620,7 @@ class Server:
         return {
             "role": "server",
             "id": self.identity.public_id,
-            "listen": _format_addr(self.endpoint.local_address),
+            "listen": format_address(self.endpoint.local_address),
             "tun": self.tun.name,
             "uptime": round(trio.current_time() - self.started_at, 3),
             "pid": os.getpid(),
@@ -748,7 +741,7 @@ async def run_server(
         log.info(
             "server %s listening on %s, %s up (%s)",
             identity.public_id,
-            _format_addr(endpoint.local_address),
+            format_address(endpoint.local_address),
             tun.name,
             ", ".join(f"{p.server_ip}/{p.network.prefixlen}" for p in pools),
         )

@@ -110,6 +110,14 @@ class UdpEndpoint:
             self.sock.close()
 
 
+def format_address(addr: Any) -> str:
+    """``host:port`` or ``[v6]:port`` for a socket address; IPv4-mapped IPv6 shown as IPv4."""
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _is_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
