@@ -57,6 +57,7 @@ from tunnel.daemon.quic import (
     client_configuration,
     peer_public_key,
     smoothed_rtt,
+    tune,
 )
 from tunnel.daemon.runtime import (
     ControlServer,
@@ -101,9 +102,11 @@ class ClientSession(Channel):
     """One QUIC connection to the server, from connect to close."""
 
     def __init__(self, client: Client, endpoint: UdpEndpoint, server_addr: Any) -> None:
-        quic = QuicConnection(
-            configuration=client_configuration(session_ticket=client.ticket),
-            session_ticket_handler=self._ticket_received,
+        quic = tune(
+            QuicConnection(
+                configuration=client_configuration(session_ticket=client.ticket),
+                session_ticket_handler=self._ticket_received,
+            )
         )
         super().__init__(quic, client.drops)
         self.client = client

@@ -20,6 +20,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import QuicEvent
+from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer
 from aioquic.tls import SessionTicket
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +41,7 @@ MAX_DATAGRAM_PAYLOAD = MAX_DATAGRAM_SIZE - DATAGRAM_OVERHEAD
 # We accept DATAGRAM frames of any size the peer can fit in a packet.
 MAX_DATAGRAM_FRAME_SIZE = 65535
 IDLE_TIMEOUT = 60.0
+BURST_PACKETS = 64
 
 Address = Any  # (host, port) or (host, port, flowinfo, scope_id), exactly as the socket reports
 
@@ -138,6 +140,28 @@ def smoothed_rtt(quic: QuicConnection) -> float | None:
     if loss is None or not getattr(loss, "_rtt_initialized", False):
         return None
     return float(loss._rtt_smoothed)
+
+
+class BurstPacer(QuicPacketPacer):
+    """aioquic's pacer lets at most 16 packets (or a quarter of the window) go in one burst, so a
+    busy sender wakes its timer every few packets, and each wake-up costs a trip through trio
+    and aioquic's send loop. This one allows bursts of up to 64 packets (or half the window):
+    still paced at the congestion window per RTT, with a quarter of the wake-ups. Measured with
+    scripts/bench: about 10 % less CPU per GB on both sides (docs/PERFORMANCE.md)."""
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        rate = congestion_window / max(smoothed_rtt, K_MICRO_SECOND)
+        self.packet_time = max(K_MICRO_SECOND, min(self._max_datagram_size / rate, K_SECOND))
+        burst = min(congestion_window // 2, BURST_PACKETS * self._max_datagram_size)
+        self.bucket_max = max(2 * self._max_datagram_size, burst) / rate
+        if self.bucket_time > self.bucket_max:
+            self.bucket_time = self.bucket_max
+
+
+def tune(quic: QuicConnection) -> QuicConnection:
+    """Apply our data-path settings to a new connection (its pacer lives in private state)."""
+    quic._loss._pacer = BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+    return quic
 
 
 class QuicDriver:

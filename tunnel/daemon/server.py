@@ -70,6 +70,7 @@ from tunnel.daemon.quic import (
     TicketStore,
     server_configuration,
     smoothed_rtt,
+    tune,
 )
 from tunnel.daemon.runtime import (
     ControlServer,
@@ -412,12 +413,14 @@ class Server:
         elif self.pending_total >= RETRY_ABOVE:
             self._send_retry(header, addr, now)
             return None
-        quic = QuicConnection(
-            configuration=self.quic_config,
-            original_destination_connection_id=original_cid,
-            retry_source_connection_id=retry_cid,
-            session_ticket_fetcher=self.tickets.pop,
-            session_ticket_handler=self.tickets.add,
+        quic = tune(
+            QuicConnection(
+                configuration=self.quic_config,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_cid,
+                session_ticket_fetcher=self.tickets.pop,
+                session_ticket_handler=self.tickets.add,
+            )
         )
         session = ServerSession(self, quic, addr)
         self.pending_by_source[source] += 1
