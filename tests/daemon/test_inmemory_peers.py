@@ -532,3 +532,56 @@ async def test_server_never_sends_its_own_quic_traffic_into_the_tunnel(autojump_
         await trio.sleep(0.5)
         assert [p[-4:] for p in a.tun.written] == [b"fine"]
         assert server.drops["tunnel_port"] == 1
+
+
+async def test_a_restarted_server_resets_old_sessions_at_once(autojump_clock):
+    """The new server process knows nothing of the old session, but its stateless reset
+    (tokens derived from its identity key) tells the client at the next packet instead of at
+    the heartbeat timeout."""
+    network = FakeNetwork()
+    async with running_client_and_restartable_server(network) as (client, restart, servers):
+        first = client.addresses()
+        restarted_at = await restart()
+        await wait_for(lambda: client.reconnects >= 1 and client.state == "connected")
+        # heartbeat_interval is 10 s here and the timeout 60 s: only the reset explains this.
+        assert trio.current_time() - restarted_at < 12
+        assert client.addresses() == first
+        assert servers[-1].resets_sent >= 1
+
+
+@asynccontextmanager
+async def running_client_and_restartable_server(network):
+    servers = []
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def serve(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                endpoint = network.bind(*SERVER_ADDR)
+                try:
+                    server = Server(server_config(), SERVER_IDENTITY, endpoint, FakeTun("srv"))
+                    servers.append(server)
+                    await server.run(task_status=task_status)
+                finally:
+                    endpoint.close()
+
+        await nursery.start(serve)
+        client = Client(client_config(heartbeat_interval=10.0, heartbeat_timeout=60.0),
+                        Identity.generate(), RunOptions(), FakePlatform(network, "198.51.100.2"))
+        nursery.start_soon(client.supervise)
+        await client.connected.wait()
+
+        async def restart():
+            nonlocal scope
+            # A crash: the old process says nothing more (its goodbye is dropped), then a new
+            # process starts on the same address with the same identity.
+            network.policy = lambda data, src, dst: False
+            scope.cancel()
+            await trio.sleep(0.5)
+            network.policy = lambda data, src, dst: True
+            scope = trio.CancelScope()
+            await nursery.start(serve)
+            return trio.current_time()
+
+        yield client, restart, servers
+        nursery.cancel_scope.cancel()

@@ -55,6 +55,7 @@ from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     QuicDriver,
     client_configuration,
+    is_stateless_reset,
     peer_public_key,
     smoothed_rtt,
     tune,
@@ -259,6 +260,8 @@ class ClientSession(Channel):
                 continue  # rebound: wait on the new socket
             now = trio.current_time()
             for data, addr in endpoint.receive_batch(UDP_BATCH):
+                if is_stateless_reset(self.quic, data):
+                    raise SessionLost("the server no longer knows this session (it restarted)")
                 driver.receive(data, addr, now)
             driver.pump()
             self._flush()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import collections
 import datetime
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -162,6 +165,58 @@ def tune(quic: QuicConnection) -> QuicConnection:
     """Apply our data-path settings to a new connection (its pacer lives in private state)."""
     quic._loss._pacer = BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
     return quic
+
+
+class ResetTokens:
+    """Stateless reset tokens derived from a secret that survives restarts (RFC 9000 10.3).
+
+    A restarted server has forgotten every connection; a client still sending to it would only
+    notice at its heartbeat timeout. With tokens computed from the server's identity key and
+    the connection ID, the new process can answer such a packet with a stateless reset that the
+    client recognises at once. aioquic draws its tokens at random and has no hook for this, so
+    :class:`ResettableConnection` replaces them before they are ever sent.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = hashlib.sha256(b"tunnel stateless reset\0" + secret).digest()
+
+    def token(self, cid: bytes) -> bytes:
+        return hmac.new(self._key, cid, hashlib.sha256).digest()[:16]
+
+    def reset_packet(self, cid: bytes, trigger_size: int) -> bytes | None:
+        """A stateless reset for a packet of ``trigger_size`` bytes to ``cid``, or None if that
+        packet was too small to answer without risking a reset loop."""
+        size = min(trigger_size - 1, 43)
+        if size < 21:
+            return None
+        # Short-header form, fixed bit set, unpredictable bits, then the token.
+        first = 0x40 | (secrets.randbits(6))
+        return bytes((first,)) + secrets.token_bytes(size - 17) + self.token(cid)
+
+
+class ResettableConnection(QuicConnection):
+    """A server-side QuicConnection whose stateless reset tokens come from :class:`ResetTokens`.
+
+    Overrides aioquic's private ``_replenish_connection_ids``; pinned to aioquic 1.x."""
+
+    def __init__(self, *, reset_tokens: ResetTokens, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._reset_tokens = reset_tokens
+        self._derive_reset_tokens()
+
+    def _derive_reset_tokens(self) -> None:
+        for connection_id in self._host_cids:
+            connection_id.stateless_reset_token = self._reset_tokens.token(connection_id.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        self._derive_reset_tokens()
+
+
+def is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
+    """Does this datagram end with the reset token of the connection ID we send to?"""
+    token = quic._peer_cid.stateless_reset_token
+    return bool(token) and len(data) >= 21 and not data[0] & 0x80 and data[-16:] == token
 
 
 class QuicDriver:

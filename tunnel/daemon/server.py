@@ -67,6 +67,8 @@ from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     QuicDriver,
+    ResettableConnection,
+    ResetTokens,
     TicketStore,
     server_configuration,
     smoothed_rtt,
@@ -100,6 +102,8 @@ CLOSE_RATE_LIMITED = 0x106
 MAX_PENDING_PER_SOURCE = 16
 MAX_PENDING = 1024
 RETRY_ABOVE = 64
+# Stateless resets are cheap to send but never worth a flood of our own.
+MAX_RESETS_PER_SECOND = 100
 SMALLEST_INITIAL = 1200
 UDP = 17
 UDP_BATCH = 64
@@ -315,6 +319,9 @@ class Server:
         self.tun = tun
         self.quic_config = server_configuration(identity)
         self.tickets = TicketStore()
+        self.reset_tokens = ResetTokens(identity.seed)
+        self.resets_sent = 0
+        self._reset_budget = (0.0, 0)  # (second, resets sent in it)
         self.authority = _authority(config, identity)
         self.cids: dict[bytes, ServerSession] = {}
         self.routes: dict[bytes, ServerSession] = {}  # tunnel address (packed) -> session
@@ -389,6 +396,8 @@ class Server:
             return None
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
             self.drops["udp_unknown_connection"] += 1
+            if header.packet_type == QuicPacketType.ONE_RTT:
+                self._send_stateless_reset(header.destination_cid, len(data), addr, now)
             return None
         source = addr[0]
         if self.pending_total >= MAX_PENDING or (
@@ -414,7 +423,8 @@ class Server:
             self._send_retry(header, addr, now)
             return None
         quic = tune(
-            QuicConnection(
+            ResettableConnection(
+                reset_tokens=self.reset_tokens,
                 configuration=self.quic_config,
                 original_destination_connection_id=original_cid,
                 retry_source_connection_id=retry_cid,
@@ -433,6 +443,20 @@ class Server:
         assert self._nursery is not None
         self._nursery.start_soon(session.run)
         return session
+
+    def _send_stateless_reset(self, cid: bytes, size: int, addr: Any, now: float) -> None:
+        """Tell a client of a connection we do not know (we restarted) that it is gone."""
+        second, sent = self._reset_budget
+        if int(now) != second:
+            second, sent = int(now), 0
+        if sent >= MAX_RESETS_PER_SECOND:
+            return
+        packet = self.reset_tokens.reset_packet(cid, size)
+        if packet is not None:
+            self.endpoint.send(packet, addr)
+            self.resets_sent += 1
+            sent += 1
+        self._reset_budget = (second, sent)
 
     def _send_retry(self, header: Any, addr: Any, now: float) -> None:
         new_cid = secrets.token_bytes(8)
@@ -632,6 +656,7 @@ class Server:
             "auth_failures": self.auth_failures,
             "rate_limited": self.rate_limited,
             "retries_sent": self.retries_sent,
+            "resets_sent": self.resets_sent,
             "drops": dict(self.drops) | {"tun_write": self.tun.write_drops},
             "nat64": self._nat64_status(),
         }
