@@ -34,6 +34,14 @@ import attrs
 from tunnel.errors import DecodeError
 
 __all__ = [
+    "CLOSE_OK",
+    "CLOSE_REJECTED",
+    "CLOSE_PROTOCOL",
+    "CLOSE_HANDSHAKE_TIMEOUT",
+    "CLOSE_REPLACED",
+    "CLOSE_SHUTDOWN",
+    "CLOSE_IDENTITY",
+    "CLOSE_RATE_LIMITED",
     "ALPN",
     "DATAGRAM_PING",
     "DATAGRAM_PONG",
@@ -77,6 +85,17 @@ MAX_PACKET = 65535
 # A datagram holds either one bare IP packet (first nibble 4 or 6) or one of these single bytes.
 DATAGRAM_PING = b"\x01"
 DATAGRAM_PONG = b"\x02"
+
+# QUIC application error codes our CONNECTION_CLOSE frames carry (the reason travels as the
+# close's reason phrase).
+CLOSE_OK = 0x0
+CLOSE_REJECTED = 0x100  # the tunnel handshake was refused: permanent for the client
+CLOSE_PROTOCOL = 0x101  # the peer broke the protocol
+CLOSE_HANDSHAKE_TIMEOUT = 0x102
+CLOSE_REPLACED = 0x103  # the same client and device connected again
+CLOSE_SHUTDOWN = 0x104  # the server is stopping
+CLOSE_IDENTITY = 0x105  # the client refused the server's identity
+CLOSE_RATE_LIMITED = 0x106  # too many failed attempts: temporary for the client
 
 NONCE_SIZE = 32
 PUBLIC_KEY_SIZE = 32

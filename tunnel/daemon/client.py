@@ -40,6 +40,10 @@ from tunnel.core.backoff import Backoff
 from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import udp_ports_untrusted
 from tunnel.core.messages import (
+    CLOSE_IDENTITY,
+    CLOSE_OK,
+    CLOSE_PROTOCOL,
+    CLOSE_REJECTED,
     PROTOCOL_VERSION,
     AuthRequest,
     AuthResponse,
@@ -84,10 +88,6 @@ from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.client")
 
-CLOSE_OK = 0x0
-CLOSE_PROTOCOL = 0x101
-CLOSE_IDENTITY = 0x105
-CLOSE_REJECTED = 0x100  # sent by the server with the reason as phrase
 SERVER_HELLO_STREAM = 3  # the server's first unidirectional stream
 UDP_BATCH = 64
 TUN_BATCH = 64

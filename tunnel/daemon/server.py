@@ -51,6 +51,13 @@ from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import udp_ports_untrusted
 from tunnel.core.ippool import AddressPool
 from tunnel.core.messages import (
+    CLOSE_HANDSHAKE_TIMEOUT,
+    CLOSE_OK,
+    CLOSE_PROTOCOL,
+    CLOSE_RATE_LIMITED,
+    CLOSE_REJECTED,
+    CLOSE_REPLACED,
+    CLOSE_SHUTDOWN,
     PROTOCOL_VERSION,
     AuthRequest,
     AuthResponse,
@@ -88,14 +95,6 @@ from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.server")
 
-# QUIC application error codes we close with.
-CLOSE_OK = 0x0
-CLOSE_REJECTED = 0x100
-CLOSE_PROTOCOL = 0x101
-CLOSE_HANDSHAKE_TIMEOUT = 0x102
-CLOSE_REPLACED = 0x103
-CLOSE_SHUTDOWN = 0x104
-CLOSE_RATE_LIMITED = 0x106
 # A server under a flood of new connections: at most this many handshakes in flight from one
 # source address and overall; past RETRY_ABOVE pending handshakes, new clients must prove their
 # address with a QUIC Retry round trip first.
