@@ -16,16 +16,21 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import Netns, ip, ip_json, netns, open_daemon_nursery, run, start_daemon
+from tunnel.testing.netns import (
+    Netns,
+    ip,
+    ip_json,
+    netns,
+    open_daemon_nursery,
+    run,
+    start_daemon,
+)
+from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.netns import veth as make_veth
 
 PY = sys.executable
 BEHIND_SERVER = "10.200.0.1"  # only reachable through the tunnel
 TunnelFiles = Any  # what the `files` fixture of conftest.py gives
-
-
-def tunnel(*args: str) -> list[str]:
-    return [PY, "-m", "tunnel", *args]
 
 
 @attrs.frozen

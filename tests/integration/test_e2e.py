@@ -29,6 +29,7 @@ from tunnel.testing.netns import (
     Daemon,
     Netns,
     bridge,
+    cli_status,
     ip_json,
     netns,
     open_daemon_nursery,
@@ -36,6 +37,7 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
+from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.transfer import expected_sha256
 
 # The fixtures' types (Key, TunnelFiles) live in conftest.py, which a test module cannot
@@ -50,11 +52,6 @@ SERVER_TUN4, SERVER_TUN6 = "10.78.0.1", "fd78::1"
 #: what a client's SIGTERM may take, per the contract ("within 2 s"), plus scheduling slack
 STOP_LIMIT_S = 3.0
 TRANSFER_BYTES = 20 * 1000 * 1000
-
-
-def tunnel(*args: str) -> list[str]:
-    """argv of the tunnel CLI run by this interpreter."""
-    return [PY, "-m", "tunnel", *args]
 
 
 @attrs.frozen
@@ -113,8 +110,7 @@ async def start_client(nursery: trio.Nursery, ns: Netns, config: Any, name: str)
 
 async def status(files: TunnelFiles, name: str) -> dict[str, Any]:
     """``tunnel status --json`` of the daemon whose control socket is ``<name>.sock``."""
-    proc = await run(None, tunnel("status", "--json", "--socket", str(files.socket(name))))
-    return json.loads(proc.stdout)
+    return await cli_status(files.socket(name))
 
 
 def session_of(server_status: dict[str, Any], key: Key) -> dict[str, Any]:

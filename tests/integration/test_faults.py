@@ -31,12 +31,14 @@ from tunnel.testing.netns import (
     Daemon,
     DaemonError,
     Netns,
+    cli_status,
     netns,
     open_daemon_nursery,
     run,
     start_daemon,
     veth,
 )
+from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.relay import send_command
 from tunnel.testing.transfer import expected_sha256
 
@@ -56,11 +58,6 @@ HEARTBEAT_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 2.0
 LEASE_GRACE = 2.0
 TRANSFER_BYTES = 20 * 1000 * 1000
-
-
-def tunnel(*args: str) -> list[str]:
-    """argv of the tunnel CLI run by this interpreter."""
-    return [PY, "-m", "tunnel", *args]
 
 
 @attrs.frozen
@@ -144,10 +141,9 @@ async def status(files: TunnelFiles, name: str) -> dict[str, Any]:
     return await query_status(files.socket(name))
 
 
-async def cli_status(files: TunnelFiles, name: str) -> dict[str, Any]:
+async def operator_status(files: TunnelFiles, name: str) -> dict[str, Any]:
     """``tunnel status --json``, the operator's view."""
-    proc = await run(None, tunnel("status", "--json", "--socket", str(files.socket(name))))
-    return json.loads(proc.stdout)
+    return await cli_status(files.socket(name))
 
 
 async def wait_for(predicate: Any, what: str, within: float, every: float = 0.05) -> float:
@@ -244,11 +240,11 @@ async def test_server_sigkill_and_restart_client_comes_back_by_itself(
             report(record_property, "server_kill_to_first_ping_s", answered - killed,
                    "SIGKILL -> first ping through the tunnel (restart included)")
 
-            after = await cli_status(files, "client")
+            after = await operator_status(files, "client")
             assert after["state"] == "connected", after
             assert after["addresses"] == before["addresses"], (before, after)
             assert after["reconnects"] >= 1, after
-            session = the_session(await cli_status(files, "server"), creds.client)
+            session = the_session(await operator_status(files, "server"), creds.client)
             assert CLIENT_TUN4 in session["addresses"], session
             await ping(line.client, SERVER_TUN4)
             await ping(line.server, CLIENT_TUN4)
@@ -303,13 +299,13 @@ async def test_partition_longer_than_heartbeat_timeout(
             after = await status(files, "client")
             assert after["state"] == "connected", after
             assert after["addresses"] and set(after["addresses"]) == set(
-                (await cli_status(files, "client"))["addresses"])
+                (await operator_status(files, "client"))["addresses"])
             assert f"{CLIENT_TUN4}/24" in after["addresses"], after
             assert after["reconnects"] >= 1, after
 
             # the old session is gone for good once the lease grace has passed
             await trio.sleep(max(0.0, healed + LEASE_GRACE + 0.5 - time.monotonic()))
-            server_after = await cli_status(files, "server")
+            server_after = await operator_status(files, "server")
             session = the_session(server_after, creds.client)
             assert server_after["pending_handshakes"] == 0, server_after
             assert set(session["addresses"]) == set(before["addresses"])
@@ -408,10 +404,10 @@ async def test_address_change_mid_transfer_needs_no_reconnect(
 
             final = await up_bytes()
             assert final - rebinds[-1] >= 1_000_000, "too little went over the last address"
-            cst = await cli_status(files, "client")
+            cst = await operator_status(files, "client")
             assert cst["reconnects"] == 0, cst
             assert cst["state"] == "connected", cst
-            sst = await cli_status(files, "server")
+            sst = await operator_status(files, "server")
             session = the_session(sst, creds.client)
             print(f"server's view of the client: {session['remote']} (first {first_remote})")
             # the server's QUIC connection followed the client to its new address

@@ -1,8 +1,8 @@
 """A server under a flood of garbage and bogus handshakes keeps serving its real client.
 
-    client 10.77.0.2 ─┐
-                      ├─ bridge in the server namespace, server 10.77.0.1:4433
-    attacker 10.77.0.9┘
+client 10.77.0.2 ─┐
+                  ├─ bridge in the server namespace, server 10.77.0.1:4433
+attacker 10.77.0.9┘
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import Netns, bridge, netns, open_daemon_nursery, run, start_daemon, veth
+from tunnel.testing.netns import (
+    Netns,
+    bridge,
+    cli_status,
+    netns,
+    open_daemon_nursery,
+    run,
+    start_daemon,
+    veth,
+)
+from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.transfer import expected_sha256
 
 PY = sys.executable
@@ -41,13 +51,8 @@ def lan() -> Iterator[Lan]:
         yield Lan(server, client, attacker)
 
 
-def tunnel(*args: str) -> list[str]:
-    return [PY, "-m", "tunnel", *args]
-
-
 async def status(files: TunnelFiles, name: str) -> dict[str, Any]:
-    proc = await run(None, tunnel("status", "--json", "--socket", str(files.socket(name))))
-    return json.loads(proc.stdout)
+    return await cli_status(files.socket(name))
 
 
 async def test_transfer_survives_a_flood_of_garbage_and_bogus_handshakes(

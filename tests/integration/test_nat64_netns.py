@@ -20,6 +20,7 @@ import trio
 
 from tunnel.testing.netns import (
     Netns,
+    cli_status,
     ip,
     netns,
     open_daemon_nursery,
@@ -27,6 +28,7 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
+from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.transfer import expected_sha256
 
 PY = sys.executable
@@ -37,10 +39,6 @@ NAT64_SOURCE = "10.80.0.77"
 TRANSFER_BYTES = 20 * 1000 * 1000
 TunnelFiles = Any  # what the `files` fixture of conftest.py gives
 UDP_TIMEOUT = 3.0
-
-
-def tunnel(*args: str) -> list[str]:
-    return [PY, "-m", "tunnel", *args]
 
 
 @attrs.frozen
@@ -85,8 +83,7 @@ def configs(files: TunnelFiles) -> tuple[Any, Any]:
 
 
 async def server_status(files: TunnelFiles) -> dict[str, Any]:
-    proc = await run(None, tunnel("status", "--json", "--socket", str(files.socket("server"))))
-    return json.loads(proc.stdout)
+    return await cli_status(files.socket("server"))
 
 
 UDP_ECHO = (

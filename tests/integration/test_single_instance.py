@@ -23,6 +23,7 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
+from tunnel.testing.netns import tunnel_cli as tunnel
 
 PY = sys.executable
 TunnelFiles = Any  # what the `files` fixture of conftest.py gives
@@ -44,14 +45,14 @@ def hosts() -> Iterator[Hosts]:
         yield Hosts(server, a, b)
 
 
-def tunnel(*args: str) -> list[str]:
-    return [PY, "-m", "tunnel", *args]
-
-
 def default_socket_of(ns: Netns) -> Path:
     """Where a daemon in ``ns`` with the default control_socket listens."""
-    inode = subprocess.run(ns.exec_argv(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]),
-                           check=True, capture_output=True, text=True).stdout.strip()
+    inode = subprocess.run(
+        ns.exec_argv(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return Path(f"/run/tunnel/client-{inode}.sock")
 
 
@@ -67,10 +68,15 @@ async def test_same_config_twice_is_refused_but_other_namespaces_run(
     )  # fmt: skip
     with trio.fail_after(60):
         async with open_daemon_nursery() as nursery:
-            await start_daemon(nursery, hosts.server,
-                               tunnel("server", "--config", str(server_config)), name="server")
-            await start_daemon(nursery, hosts.a, tunnel("client", "--config", str(config)),
-                               name="first")
+            await start_daemon(
+                nursery,
+                hosts.server,
+                tunnel("server", "--config", str(server_config)),
+                name="server",
+            )
+            await start_daemon(
+                nursery, hosts.a, tunnel("client", "--config", str(config)), name="first"
+            )
             second = await run(hosts.a, tunnel("client", "--config", str(config)), check=False,
                                timeout=20)  # fmt: skip
             assert second.returncode == 100
@@ -79,8 +85,9 @@ async def test_same_config_twice_is_refused_but_other_namespaces_run(
             links = [link["ifname"] for link in ip_json(hosts.a, "link")]
             assert [name for name in links if name.startswith("tnlcli")] == ["tnlcli0"]
 
-            await start_daemon(nursery, hosts.b, tunnel("client", "--config", str(config)),
-                               name="elsewhere")
+            await start_daemon(
+                nursery, hosts.b, tunnel("client", "--config", str(config)), name="elsewhere"
+            )
             for ns in (hosts.a, hosts.b):
                 status = await run(ns, tunnel("status", "--json"))
                 assert b'"state": "connected"' in status.stdout

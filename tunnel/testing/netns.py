@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -548,3 +549,15 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def tunnel_cli(*args: str) -> list[str]:
+    """argv of the ``tunnel`` command line, run by this interpreter (``python -m tunnel``)."""
+    return [sys.executable, "-m", "tunnel", *args]
+
+
+async def cli_status(socket_path: os.PathLike[str] | str) -> dict[str, Any]:
+    """What ``tunnel status --json --socket PATH`` prints, parsed: the operator's view."""
+    proc = await run(None, tunnel_cli("status", "--json", "--socket", str(socket_path)))
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
