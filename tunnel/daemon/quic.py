@@ -20,9 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.events import QuicEvent
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer
 from aioquic.tls import SessionTicket
 from cryptography import x509
@@ -219,6 +222,98 @@ def is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
     return bool(token) and len(data) >= 21 and not data[0] & 0x80 and data[-16:] == token
 
 
+_ONE_RTT = tls.Epoch.ONE_RTT
+_DATAGRAM_WITH_LENGTH = 0x31
+# Room for frames in a 1-RTT packet: short header (1 + 8-byte CID + 2-byte packet number) and
+# the AEAD tag off a full datagram.
+_FRAME_ROOM = MAX_DATAGRAM_SIZE - 11 - 16
+
+
+def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
+    """The DATAGRAM fast path: turn aioquic's pending datagrams into 1-RTT packets ourselves.
+
+    aioquic builds every packet through a generic builder that considers every frame type; for
+    a packet holding only DATAGRAM frames that is most of the sender's CPU. Here such packets
+    are laid out directly, sealed with aioquic's own packet protection, and registered with its
+    loss recovery and congestion control exactly as its builder would (sent-packet record,
+    bytes in flight, pacer, idle timer, path byte count). Whatever else is pending (ACKs,
+    stream data, control frames) is left for aioquic's ``datagrams_to_send``, called right
+    after, and so is everything while the connection is not in its plain connected state
+    (handshake, migration, closing, logging). Reads aioquic 1.x private state on purpose.
+    """
+    pending = quic._datagrams_pending
+    if (
+        not pending
+        or quic._state is not QuicConnectionState.CONNECTED
+        or not quic._handshake_confirmed
+        or quic._close_pending
+        or quic._quic_logger is not None
+        or len(quic._network_paths) != 1
+        or not quic._network_paths[0].is_validated
+        or len(quic._peer_cid.cid) != 8
+    ):
+        return []
+    crypto = quic._cryptos[_ONE_RTT]
+    if not crypto.send.is_valid():
+        return []
+    loss = quic._loss
+    pacer = loss._pacer
+    space = quic._spaces[_ONE_RTT]
+    path = quic._network_paths[0]
+    first_byte = 0x40 | (quic._spin_bit << 5) | 1  # fixed bit, 2-byte packet number
+    peer_cid = quic._peer_cid.cid
+    packets: list[bytes] = []
+    while pending:
+        if pacer.next_send_time(now) is not None:
+            break
+        # As many whole datagrams as fit one packet (small ones, such as TCP ACKs, share).
+        count = 0
+        used = 0
+        for data in pending:
+            frame = 1 + (1 if len(data) < 64 else 2) + len(data)
+            if used + frame > _FRAME_ROOM:
+                break
+            used += frame
+            count += 1
+        if count == 0:
+            break  # cannot happen with sizes checked on the way in; aioquic decides
+        if loss.congestion_window - loss.bytes_in_flight < used + 27:
+            break
+        frames = []
+        for _ in range(count):
+            data = pending.popleft()
+            size = len(data)
+            length = bytes((size,)) if size < 64 else (0x4000 | size).to_bytes(2, "big")
+            frames.append(b"\x31" + length + data)
+        number = quic._packet_number
+        header = bytes((first_byte | (crypto.key_phase << 2),)) + peer_cid + (
+            number & 0xFFFF
+        ).to_bytes(2, "big")
+        packet = crypto.encrypt_packet(header, b"".join(frames), number)
+        quic._packet_number = number + 1
+        loss.on_packet_sent(
+            packet=QuicSentPacket(
+                epoch=_ONE_RTT,
+                in_flight=True,
+                is_ack_eliciting=True,
+                is_crypto_packet=False,
+                packet_number=number,
+                packet_type=QuicPacketType.ONE_RTT,
+                sent_time=now,
+                sent_bytes=len(packet),
+            ),
+            space=space,
+        )
+        if not quic._ack_eliciting_sent_since_receipt:
+            # Restart the idle timer, as aioquic does for its first ack-eliciting packet.
+            quic._close_at = now + quic._idle_timeout()
+            quic._ack_eliciting_sent_since_receipt = True
+        pacer.update_after_send(now=now)
+        path.bytes_sent += len(packet)
+        packets.append(packet)
+    return packets
+
+
 class QuicDriver:
     """Drives one QuicConnection: events out to ``handle_event``, datagrams out through ``send``
     (a whole batch at a time, so the socket can send it in one system call), and one timer task
@@ -250,7 +345,12 @@ class QuicDriver:
         self.transmit()
 
     def transmit(self) -> None:
-        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        now = trio.current_time()
+        fast = build_datagram_packets(self.quic, now)
+        datagrams = self.quic.datagrams_to_send(now=now)
+        if fast:
+            addr = self.quic._network_paths[0].addr
+            datagrams = [(packet, addr) for packet in fast] + datagrams
         if datagrams:
             self._send(datagrams)
         scope = self._timer_scope
