@@ -3,6 +3,7 @@ recovery and congestion control exactly as informed as its own builder would."""
 
 from __future__ import annotations
 
+from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import DatagramFrameReceived
@@ -12,6 +13,7 @@ from tunnel.core.identity import Identity
 from tunnel.daemon.quic import (
     build_datagram_packets,
     client_configuration,
+    receive_datagram_fast,
     server_configuration,
     tune,
 )
@@ -90,3 +92,36 @@ def test_not_used_before_the_handshake_is_confirmed():
     client.send_datagram_frame(b"early")
     assert build_datagram_packets(client, 0.0) == []
     assert len(client._datagrams_pending) == 1
+
+
+def test_receiving_half_delivers_and_acknowledges_like_aioquic():
+    client, server, now = connected_pair()
+    datagrams = [bytes([i]) * (100 + i) for i in range(30)]
+    for data in datagrams:
+        client.send_datagram_frame(data)
+    packets = build_datagram_packets(client, now[0])
+    largest_before = server._spaces[tls.Epoch.ONE_RTT].largest_received_packet
+    for packet in packets:
+        assert receive_datagram_fast(server, packet, CLIENT, now[0])
+    got = [e.data for e in drain(server) if isinstance(e, DatagramFrameReceived)]
+    assert got == datagrams
+    space = server._spaces[tls.Epoch.ONE_RTT]
+    assert space.largest_received_packet > largest_before
+    assert space.ack_at is not None  # an ACK is due, as aioquic would have scheduled
+    # A replayed packet is dropped as a duplicate: nothing new is delivered.
+    assert receive_datagram_fast(server, packets[0], CLIENT, now[0])
+    assert not [e for e in drain(server) if isinstance(e, DatagramFrameReceived)]
+
+
+def test_receiving_half_leaves_everything_unusual_to_aioquic():
+    client, server, now = connected_pair()
+    client.send_datagram_frame(b"x" * 200)
+    (packet,) = build_datagram_packets(client, now[0])
+    other_path = ("198.51.100.99", 6000)
+    assert not receive_datagram_fast(server, packet, other_path, now[0])  # migration
+    wrong_cid = packet[:1] + bytes(8) + packet[9:]
+    assert not receive_datagram_fast(server, wrong_cid, CLIENT, now[0])
+    long_header = bytes([0xC0]) + packet[1:]
+    assert not receive_datagram_fast(server, long_header, CLIENT, now[0])
+    assert not receive_datagram_fast(server, packet[:20], CLIENT, now[0])
+    assert not drain(server)

@@ -22,11 +22,23 @@ from typing import Any
 import trio
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import (
+    END_STATES,
+    QuicConnection,
+    QuicConnectionError,
+    QuicConnectionState,
+    QuicReceiveContext,
+)
+from aioquic.quic.crypto import CryptoError, KeyUnavailableError
 from aioquic.quic.events import QuicEvent
-from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet import (
+    PACKET_SPIN_BIT,
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+)
 from aioquic.quic.packet_builder import QuicSentPacket
-from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, QuicPacketPacer
+from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, MAX_ACK_RANGES, QuicPacketPacer
 from aioquic.tls import SessionTicket
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -286,9 +298,11 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
             length = bytes((size,)) if size < 64 else (0x4000 | size).to_bytes(2, "big")
             frames.append(b"\x31" + length + data)
         number = quic._packet_number
-        header = bytes((first_byte | (crypto.key_phase << 2),)) + peer_cid + (
-            number & 0xFFFF
-        ).to_bytes(2, "big")
+        header = (
+            bytes((first_byte | (crypto.key_phase << 2),))
+            + peer_cid
+            + (number & 0xFFFF).to_bytes(2, "big")
+        )
         packet = crypto.encrypt_packet(header, b"".join(frames), number)
         quic._packet_number = number + 1
         loss.on_packet_sent(
@@ -314,6 +328,80 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     return packets
 
 
+def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: float) -> bool:
+    """The receiving half of the fast path: one 1-RTT packet for our current connection ID on
+    our current, validated path, in the plain connected state. Does what aioquic's
+    ``receive_datagram`` does for exactly that case (decrypt, duplicate check, spin bit, frames
+    through aioquic's own ``_payload_received``, idle timer, ACK bookkeeping) without its
+    generic header parsing, connection-ID search and path handling. Returns False, having
+    touched nothing, for every other datagram: the caller hands those to aioquic."""
+    if (
+        len(data) < 26
+        or data[0] & 0xC0 != 0x40
+        or quic._state is not QuicConnectionState.CONNECTED
+        or not quic._handshake_confirmed
+        or quic._close_pending
+        or quic._quic_logger is not None
+        or data[1:9] != quic.host_cid
+    ):
+        return False
+    path = quic._network_paths[0]
+    if path.addr != addr or not path.is_validated:
+        return False
+    space = quic._spaces[_ONE_RTT]
+    try:
+        plain_header, payload, number = quic._cryptos[_ONE_RTT].decrypt_packet(
+            data, 9, space.expected_packet_number
+        )
+    except (CryptoError, KeyUnavailableError):
+        return True  # dropped, as aioquic drops it
+    if number in space.received_packets:
+        return True  # duplicate
+    if plain_header[0] & 0x18:
+        quic.close(
+            error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+            frame_type=QuicFrameType.PADDING,
+            reason_phrase="Reserved bits must be zero",
+        )
+        return True
+    if number > space.expected_packet_number:
+        space.expected_packet_number = number + 1
+    if number > quic._spin_highest_pn:
+        spin = bool(plain_header[0] & PACKET_SPIN_BIT)
+        quic._spin_bit = not spin if quic._is_client else spin
+        quic._spin_highest_pn = number
+    context = QuicReceiveContext(
+        epoch=_ONE_RTT,
+        host_cid=quic.host_cid,
+        network_path=path,
+        quic_logger_frames=None,
+        time=now,
+        version=quic._version,
+    )
+    try:
+        ack_eliciting, _probing = quic._payload_received(context, payload)
+    except QuicConnectionError as exc:
+        quic.close(
+            error_code=exc.error_code, frame_type=exc.frame_type, reason_phrase=exc.reason_phrase
+        )
+        return True
+    if quic._state in END_STATES or quic._close_pending:
+        return True
+    quic._close_at = now + quic._idle_timeout()
+    quic._ack_eliciting_sent_since_receipt = False
+    if not space.discarded:
+        if number > space.largest_received_packet:
+            space.largest_received_packet = number
+            space.largest_received_time = now
+        space.ack_queue.add(number)
+        space.received_packets.add(number)
+        if len(space.ack_queue) > MAX_ACK_RANGES:
+            space.ack_queue.shift()
+        if ack_eliciting and space.ack_at is None:
+            space.ack_at = now + quic._ack_delay
+    return True
+
+
 class QuicDriver:
     """Drives one QuicConnection: events out to ``handle_event``, datagrams out through ``send``
     (a whole batch at a time, so the socket can send it in one system call), and one timer task
@@ -332,7 +420,8 @@ class QuicDriver:
 
     def receive(self, data: bytes, addr: Address, now: float) -> None:
         """Feed one UDP datagram. Call :meth:`pump` once after a batch of these."""
-        self.quic.receive_datagram(data, addr, now)
+        if not receive_datagram_fast(self.quic, data, addr, now):
+            self.quic.receive_datagram(data, addr, now)
 
     def pump(self) -> None:
         """Deliver pending events, then send whatever the connection has to send."""
