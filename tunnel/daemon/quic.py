@@ -387,7 +387,10 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
         return True
     if quic._state in END_STATES or quic._close_pending:
         return True
-    quic._close_at = now + quic._idle_timeout()
+    # Push the idle deadline back, as aioquic does on every packet; computing it walks the loss
+    # recovery state, so at most every 50 ms (60 s idle timeout: nothing to notice).
+    if quic._close_at is None or quic._close_at - now < IDLE_TIMEOUT - 0.05:
+        quic._close_at = now + quic._idle_timeout()
     quic._ack_eliciting_sent_since_receipt = False
     if not space.discarded:
         if number > space.largest_received_packet:
