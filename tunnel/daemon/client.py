@@ -109,7 +109,7 @@ class ClientSession(Channel):
                 session_ticket_handler=self._ticket_received,
             )
         )
-        super().__init__(quic, client.drops)
+        super().__init__(quic, client.drops, set())
         self.client = client
         self.endpoint = endpoint
         self.server_addr = server_addr
@@ -290,8 +290,8 @@ class ClientSession(Channel):
         log.info("path silent: moved to a new local socket %s", format_address(fresh.local_address))
 
     def _flush(self) -> None:
-        if self.dirty:
-            self.dirty = False
+        if self.touched:
+            self.touched.clear()
             self.driver.transmit()
 
     async def tun_pump(self, tun: TunDevice) -> None:

@@ -121,7 +121,7 @@ class ServerSession(Channel):
     """One client connection, from its first Initial to its close."""
 
     def __init__(self, server: Server, quic: QuicConnection, remote: Any) -> None:
-        super().__init__(quic, Drops())
+        super().__init__(quic, Drops(), server.touched)
         self.server = server
         self.remote = remote
         self.driver = QuicDriver(quic, server.endpoint.send_batch, self._handle_event)
@@ -248,7 +248,7 @@ class ServerSession(Channel):
 
     def close(self, code: int, reason: str) -> None:
         self.quic.close(error_code=code, reason_phrase=reason)
-        self.dirty = True
+        self.mark_touched()
         self.handshake_over.set()
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -325,6 +325,7 @@ class Server:
         self.cids: dict[bytes, ServerSession] = {}
         self.routes: dict[bytes, ServerSession] = {}  # tunnel address (packed) -> session
         self.sessions: set[ServerSession] = set()
+        self.touched: set[Channel] = set()  # sessions with something to send
         self.drops = Drops()
         self.auth_failures = 0
         self.rate_limited = 0
@@ -585,10 +586,9 @@ class Server:
 
     def flush(self) -> None:
         """Send what every touched session has queued."""
-        for session in self.sessions:
-            if session.dirty:
-                session.dirty = False
-                session.driver.transmit()
+        touched = self.touched
+        while touched:
+            touched.pop().driver.transmit()
 
     # -- session bookkeeping --------------------------------------------------------------------
 
@@ -604,6 +604,7 @@ class Server:
 
     def detach(self, session: ServerSession) -> None:
         self.sessions.discard(session)
+        self.touched.discard(session)
         for cid in [cid for cid, s in self.cids.items() if s is session]:
             del self.cids[cid]
         for packed in session.own_sources:

@@ -35,7 +35,7 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 class Channel:
     """The data channel of one QUIC connection (server or client side)."""
 
-    def __init__(self, quic: QuicConnection, drops: Drops) -> None:
+    def __init__(self, quic: QuicConnection, drops: Drops, touched: set[Channel]) -> None:
         self.quic = quic
         self.driver: QuicDriver  # set by the owner once it knows how to send
         self.decoder = FrameDecoder()
@@ -43,7 +43,9 @@ class Channel:
         # The peer's limit, learned in the handshake; until then the conservative default.
         self.max_datagram_payload = 1200
         self.bytes_in = self.bytes_out = self.packets_in = self.packets_out = 0
-        self.dirty = False
+        # Channels with something queued, shared by everything one pump flushes: a flush costs
+        # the channels that have work, not every channel there is.
+        self.touched = touched
 
     def _datagram_queue_depth(self) -> int:
         # aioquic's own queue is private and unbounded: we read its length to bound it.
@@ -64,11 +66,14 @@ class Channel:
             )
         self.bytes_out += size
         self.packets_out += 1
-        self.dirty = True
+        self.touched.add(self)
 
     def send_frame(self, frame: object) -> None:
         self.quic.send_stream_data(CONTROL_STREAM, encode_frame(frame))
-        self.dirty = True
+        self.touched.add(self)
+
+    def mark_touched(self) -> None:
+        self.touched.add(self)
 
     def counters(self) -> dict[str, int]:
         return {
