@@ -9,7 +9,6 @@ so that a returning client (same identity and device_id) gets its addresses back
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Hashable
 
 import attrs
 
@@ -90,9 +89,6 @@ class Authority:
     @property
     def active_count(self) -> int:
         return sum(1 for lease in self._leases.values() if lease.released_at is None)
-
-    def lease_of(self, owner: Hashable) -> Lease | None:
-        return self._leases.get(owner)  # type: ignore[arg-type]
 
     def authorize(self, request: AuthRequest, *, nonce: bytes, now: float) -> Admission:
         """Decide on one request. An accepted owner holds its lease until :meth:`release`."""

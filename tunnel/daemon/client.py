@@ -263,7 +263,8 @@ class ClientSession(Channel):
                 if is_stateless_reset(self.quic, data):
                     raise SessionLost("the server no longer knows this session (it restarted)")
                 driver.receive(data, addr, now)
-            driver.pump()
+            driver.deliver_events()
+            self.touched.add(self)  # whatever receiving produced (ACKs) goes out now
             self._flush()
 
     def _send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
@@ -579,7 +580,9 @@ class Client:
             if self.last_handshake is not None
             else None,
             "sessions": [session.status()] if session is not None else [],
-            "drops": dict(self.drops) | ({"tun_write": self.tun.write_drops} if self.tun else {}),
+            "drops": dict(self.drops)
+            | ({"tun_write": self.tun.write_drops} if self.tun else {})
+            | ({"udp_send": session.endpoint.send_drops} if session else {}),
         }
 
     def close(self) -> None:

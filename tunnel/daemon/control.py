@@ -1,5 +1,38 @@
-"""Client side of the control socket (``tunnel status``)."""
+"""The client side of the control socket: what ``tunnel status`` asks a running daemon."""
 
-from tunnel.daemon.runtime import query_status
+from __future__ import annotations
 
-__all__ = ["query_status"]
+import errno
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tunnel.daemon.runtime import send_all
+from tunnel.errors import TunnelError
+
+
+async def query_status(path: Path) -> dict[str, Any]:
+    """Ask the daemon listening on ``path`` for its status."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        try:
+            await sock.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise TunnelError(f"no daemon is listening on {path}") from exc
+            raise TunnelError(f"{path}: {exc.strerror}") from exc
+        with trio.fail_after(5):
+            await send_all(sock, b"status\n")
+            chunks = []
+            while chunk := await sock.recv(65536):
+                chunks.append(chunk)
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise TunnelError(f"{path}: the daemon sent an unreadable answer") from exc
+    if not isinstance(answer, dict):
+        raise TunnelError(f"{path}: the daemon sent an unreadable answer")
+    return answer

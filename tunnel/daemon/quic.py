@@ -426,14 +426,19 @@ class QuicDriver:
         if not receive_datagram_fast(self.quic, data, addr, now):
             self.quic.receive_datagram(data, addr, now)
 
-    def pump(self) -> None:
-        """Deliver pending events, then send whatever the connection has to send."""
+    def deliver_events(self) -> None:
+        """Hand every pending event to its handler. The caller sends afterwards (once per batch,
+        with whatever else the batch queued)."""
         quic = self.quic
         handle = self._handle_event
         event = quic.next_event()
         while event is not None:
             handle(event)
             event = quic.next_event()
+
+    def pump(self) -> None:
+        """Deliver pending events, then send whatever the connection has to send."""
+        self.deliver_events()
         self.transmit()
 
     def transmit(self) -> None:

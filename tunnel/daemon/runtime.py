@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -179,7 +178,7 @@ class ControlServer:
                     reply = json.dumps(self._status()).encode() + b"\n"
                 else:
                     reply = json.dumps({"error": "unknown request"}).encode() + b"\n"
-                await _send_all(conn, reply)
+                await send_all(conn, reply)
             except OSError as exc:
                 log.debug("control connection: %s", exc)
             except Exception:
@@ -187,32 +186,8 @@ class ControlServer:
                 log.exception("control request failed")
 
 
-async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     view = memoryview(data)
     while view:
         sent = await sock.send(view)
         view = view[sent:]
-
-
-async def query_status(path: Path) -> dict[str, Any]:
-    """Ask the daemon listening on ``path`` for its status."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        try:
-            await sock.connect(str(path))
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise TunnelError(f"no daemon is listening on {path}") from exc
-            raise TunnelError(f"{path}: {exc.strerror}") from exc
-        with trio.fail_after(5):
-            await _send_all(sock, b"status\n")
-            chunks = []
-            while chunk := await sock.recv(65536):
-                chunks.append(chunk)
-    try:
-        answer = json.loads(b"".join(chunks))
-    except ValueError as exc:
-        raise TunnelError(f"{path}: the daemon sent an unreadable answer") from exc
-    if not isinstance(answer, dict):
-        raise TunnelError(f"{path}: the daemon sent an unreadable answer")
-    return answer

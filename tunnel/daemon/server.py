@@ -357,13 +357,16 @@ class Server:
         while True:
             await endpoint.wait_readable()
             now = trio.current_time()
-            touched: set[ServerSession] = set()
+            received: set[ServerSession] = set()
             for data, addr in endpoint.receive_batch(UDP_BATCH):
                 session = self._route_datagram(data, addr, now)
                 if session is not None:
-                    touched.add(session)
-            for session in touched:
-                session.driver.pump()
+                    received.add(session)
+            for session in received:
+                session.driver.deliver_events()
+            # One send per session per batch: what receiving produced (ACKs) together with
+            # what the events queued (packets forwarded to other clients, pongs).
+            self.touched |= received
             self.flush()
 
     def _route_datagram(self, data: bytes, addr: Any, now: float) -> ServerSession | None:
@@ -657,7 +660,8 @@ class Server:
             "rate_limited": self.rate_limited,
             "retries_sent": self.retries_sent,
             "resets_sent": self.resets_sent,
-            "drops": dict(self.drops) | {"tun_write": self.tun.write_drops},
+            "drops": dict(self.drops)
+            | {"tun_write": self.tun.write_drops, "udp_send": self.endpoint.send_drops},
             "nat64": self._nat64_status(),
         }
 

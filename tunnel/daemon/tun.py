@@ -44,7 +44,6 @@ class TunDevice:
             ) from exc
         self.fd: int = fd
         self.name: str = ifr[:16].rstrip(b"\0").decode()
-        self.read_errors = 0
         self.write_drops = 0
 
     def __enter__(self) -> TunDevice:
@@ -83,7 +82,6 @@ class TunDevice:
             # EBADF after close, EIO while the device is going down: nothing more to read.
             if exc.errno not in (errno.EBADF, errno.EIO):
                 raise
-            self.read_errors += 1
         return packets
 
     def write(self, packet: bytes) -> None:
