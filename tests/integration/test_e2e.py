@@ -35,6 +35,7 @@ from tunnel.testing.netns import (
     open_daemon_nursery,
     run,
     start_daemon,
+    tcp_transfer,
     veth,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
@@ -263,21 +264,10 @@ async def test_two_clients_get_addresses_ping_both_ways_and_transfer(
 
             # 20 MB TCP, client A -> the server's tunnel address, byte-identical
             before = session_of(await status(files, "server"), creds.a)["bytes_in"]
-            receiver = await start_daemon(
-                nursery,
-                star.server,
-                [PY, "-m", "tunnel.testing.transfer", "serve", "--listen", f"{SERVER_TUN4}:5201"],
-                name="recv",
-            )
-            sent = await run(
-                star.a,
-                [PY, "-m", "tunnel.testing.transfer", "send", "--to", f"{SERVER_TUN4}:5201",
-                 "--bytes", str(TRANSFER_BYTES), "--seed", "e2e", "--timeout", "90"],
-                timeout=100,
+            got, want = await tcp_transfer(
+                nursery, receiver=star.server, sender=star.a, listen=f"{SERVER_TUN4}:5201",
+                to=f"{SERVER_TUN4}:5201", nbytes=TRANSFER_BYTES, seed="e2e",
             )  # fmt: skip
-            assert await receiver.wait() == 0, receiver.describe()
-            got = json.loads(receiver.stdout_lines[-1])
-            want = json.loads(sent.stdout.decode().strip().splitlines()[-1])
             assert got["bytes"] == TRANSFER_BYTES
             assert got["sha256"] == want["sha256"] == expected_sha256(TRANSFER_BYTES, "e2e")
             rate = TRANSFER_BYTES * 8 / got["seconds"] / 1e6

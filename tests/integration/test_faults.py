@@ -16,7 +16,6 @@ recorded with ``record_property``.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.daemon.runtime import query_status
+from tunnel.daemon.control import query_status
 from tunnel.testing.netns import (
     Daemon,
     DaemonError,
@@ -36,6 +35,7 @@ from tunnel.testing.netns import (
     open_daemon_nursery,
     run,
     start_daemon,
+    tcp_transfer,
     veth,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
@@ -192,23 +192,11 @@ async def transfer(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``nbytes`` of TCP from the client's namespace to the server's tunnel address; returns
     the receiver's and the sender's reports."""
-    receiver = await start_daemon(
-        nursery,
-        line.server,
-        [PY, "-m", "tunnel.testing.transfer", "serve", "--listen", f"{SERVER_TUN4}:5201",
-         "--timeout", str(allowed + 5)],
-        name="recv",
+    address = f"{SERVER_TUN4}:5201"
+    return await tcp_transfer(
+        nursery, receiver=line.server, sender=line.client, listen=address, to=address,
+        nbytes=nbytes, seed=seed, allowed=allowed,
     )  # fmt: skip
-    sent = await run(
-        line.client,
-        [PY, "-m", "tunnel.testing.transfer", "send", "--to", f"{SERVER_TUN4}:5201",
-         "--bytes", str(nbytes), "--seed", seed, "--timeout", str(allowed)],
-        timeout=allowed + 10,
-    )  # fmt: skip
-    assert await receiver.wait() == 0, receiver.describe()
-    got = json.loads(receiver.stdout_lines[-1])
-    want = json.loads(sent.stdout.decode().strip().splitlines()[-1])
-    return got, want
 
 
 # --- server killed and restarted --------------------------------------------------------------

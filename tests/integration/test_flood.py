@@ -22,8 +22,8 @@ from tunnel.testing.netns import (
     cli_status,
     netns,
     open_daemon_nursery,
-    run,
     start_daemon,
+    tcp_transfer,
     veth,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
@@ -73,11 +73,6 @@ async def test_transfer_survives_a_flood_of_garbage_and_bogus_handshakes(
                 nursery, lan.client, tunnel("client", "--config", str(client_config)),
                 name="client",
             )  # fmt: skip
-            receiver = await start_daemon(
-                nursery, lan.server,
-                [PY, "-m", "tunnel.testing.transfer", "serve", "--listen", "10.78.0.1:5201"],
-                name="recv",
-            )  # fmt: skip
             flooder = await start_daemon(
                 nursery, lan.attacker,
                 [PY, "-m", "tunnel.testing.flood", "--target", "10.77.0.1:4433",
@@ -85,15 +80,10 @@ async def test_transfer_survives_a_flood_of_garbage_and_bogus_handshakes(
                 name="flood",
             )  # fmt: skip
             await trio.sleep(2)  # the flood is in full swing
-            sent = await run(
-                lan.client,
-                [PY, "-m", "tunnel.testing.transfer", "send", "--to", "10.78.0.1:5201",
-                 "--bytes", str(TRANSFER_BYTES), "--seed", "flood", "--timeout", "90"],
-                timeout=100,
+            got, want = await tcp_transfer(
+                nursery, receiver=lan.server, sender=lan.client, listen="10.78.0.1:5201",
+                to="10.78.0.1:5201", nbytes=TRANSFER_BYTES, seed="flood",
             )  # fmt: skip
-            assert await receiver.wait() == 0, receiver.describe()
-            got = json.loads(receiver.stdout_lines[-1])
-            want = json.loads(sent.stdout.decode().strip().splitlines()[-1])
             assert got["sha256"] == want["sha256"] == expected_sha256(TRANSFER_BYTES, "flood")
             during = await status(files, "server")
             assert await flooder.wait() == 0, flooder.describe()

@@ -8,7 +8,6 @@ IPv4 from 10.80.0.77 (routed into its TUN) and the IPv4-only host routes that ad
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from tunnel.testing.netns import (
     open_daemon_nursery,
     run,
     start_daemon,
+    tcp_transfer,
     veth,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
@@ -133,21 +133,10 @@ async def test_ipv6_only_client_reaches_ipv4_only_host(sites: Sites, files: Tunn
             assert answer.stdout.decode().strip() == "HELLO OVER NAT64"
 
             # 20 MB of TCP, byte-identical
-            receiver = await start_daemon(
-                nursery, sites.v4host,
-                [PY, "-m", "tunnel.testing.transfer", "serve", "--listen", f"{V4_HOST}:5201"],
-                name="recv",
+            got, want = await tcp_transfer(
+                nursery, receiver=sites.v4host, sender=sites.client, listen=f"{V4_HOST}:5201",
+                to=f"[{V4_HOST_VIA_NAT64}]:5201", nbytes=TRANSFER_BYTES, seed="nat64",
             )  # fmt: skip
-            sent = await run(
-                sites.client,
-                [PY, "-m", "tunnel.testing.transfer", "send", "--to",
-                 f"[{V4_HOST_VIA_NAT64}]:5201", "--bytes", str(TRANSFER_BYTES), "--seed",
-                 "nat64", "--timeout", "90"],
-                timeout=100,
-            )  # fmt: skip
-            assert await receiver.wait() == 0, receiver.describe()
-            got = json.loads(receiver.stdout_lines[-1])
-            want = json.loads(sent.stdout.decode().strip().splitlines()[-1])
             assert got["bytes"] == TRANSFER_BYTES
             assert got["sha256"] == want["sha256"] == expected_sha256(TRANSFER_BYTES, "nat64")
             rate = TRANSFER_BYTES * 8 / got["seconds"] / 1e6

@@ -561,3 +561,37 @@ async def cli_status(socket_path: os.PathLike[str] | str) -> dict[str, Any]:
     proc = await run(None, tunnel_cli("status", "--json", "--socket", str(socket_path)))
     answer: dict[str, Any] = json.loads(proc.stdout)
     return answer
+
+
+async def tcp_transfer(
+    nursery: trio.Nursery,
+    *,
+    receiver: NsLike,
+    sender: NsLike,
+    listen: str,
+    to: str,
+    nbytes: int,
+    seed: str,
+    allowed: float = 90,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``nbytes`` of TCP with :mod:`tunnel.testing.transfer`: a receiver listening on ``listen``
+    in one namespace, a sender to ``to`` in another. Returns the receiver's and the sender's
+    reports (``bytes``, ``sha256``, ``seconds``) for the caller to compare. ``allowed`` is what
+    the two tools are told they may take (they stop themselves), not a deadline for this call."""
+    serving = await start_daemon(
+        nursery,
+        receiver,
+        [sys.executable, "-m", "tunnel.testing.transfer", "serve", "--listen", listen,
+         "--timeout", str(allowed + 5)],
+        name="recv",
+    )  # fmt: skip
+    sent = await run(
+        sender,
+        [sys.executable, "-m", "tunnel.testing.transfer", "send", "--to", to,
+         "--bytes", str(nbytes), "--seed", seed, "--timeout", str(allowed)],
+        timeout=allowed + 10,
+    )  # fmt: skip
+    assert await serving.wait() == 0, serving.describe()
+    got: dict[str, Any] = json.loads(serving.stdout_lines[-1])
+    want: dict[str, Any] = json.loads(sent.stdout.decode().strip().splitlines()[-1])
+    return got, want
