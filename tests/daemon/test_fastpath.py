@@ -8,9 +8,15 @@ from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import DatagramFrameReceived
 from aioquic.quic.packet import pull_quic_header
+from hypothesis import given
+from hypothesis import strategies as st
 
+import tunnel.daemon.quic as quic_module
 from tunnel.core.identity import Identity
 from tunnel.daemon.quic import (
+    QuicDriver,
+    Received,
+    _datagram_frames,
     build_datagram_packets,
     client_configuration,
     receive_datagram_fast,
@@ -125,3 +131,128 @@ def test_receiving_half_leaves_everything_unusual_to_aioquic():
     assert not receive_datagram_fast(server, long_header, CLIENT, now[0])
     assert not receive_datagram_fast(server, packet[:20], CLIENT, now[0])
     assert not drain(server)
+
+
+# -- the datagram-only payload parser -------------------------------------------------------
+
+
+def datagram_frame(data: bytes, length_bytes: int | None) -> bytes:
+    """A DATAGRAM frame: with a 1- or 2-byte (or longer, legal but unusual) length, or None
+    for the length-less form that runs to the end of the packet."""
+    if length_bytes is None:
+        return b"\x30" + data
+    prefix = {1: 0, 2: 0x4000, 4: 0x8000_0000}[length_bytes]
+    return b"\x31" + (prefix | len(data)).to_bytes(length_bytes, "big") + data
+
+
+@given(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=6),
+    st.booleans(),
+    st.data(),
+)
+def test_datagram_payloads_are_read_as_aioquic_reads_them(datagrams, last_without_length, data):
+    sizes = [
+        data.draw(st.sampled_from([1, 2] if len(d) < 64 else [2])) for d in datagrams
+    ]
+    frames = [datagram_frame(d, n) for d, n in zip(datagrams, sizes, strict=True)]
+    if last_without_length:
+        frames[-1] = datagram_frame(datagrams[-1], None)
+    payload = b"".join(frames)
+    assert _datagram_frames(payload, 65535) == datagrams
+
+
+@given(st.binary(max_size=200))
+def test_datagram_payload_parser_never_raises_on_random_bytes(payload):
+    result = _datagram_frames(payload, 65535)
+    assert result is None or all(isinstance(d, bytes) for d in result)
+
+
+def test_anything_but_datagram_frames_is_left_to_aioquic():
+    one = datagram_frame(b"abc", 1)
+    assert _datagram_frames(one + b"\x01", 65535) is None  # a PING after it
+    assert _datagram_frames(b"\x00" + one, 65535) is None  # PADDING first
+    assert _datagram_frames(datagram_frame(b"abc", 4), 65535) is None  # unusual length form
+    assert _datagram_frames(b"\x31\x05abc", 65535) is None  # runs past the end
+    assert _datagram_frames(b"", 65535) is None  # no frames at all
+    assert _datagram_frames(one, None) is None  # DATAGRAM not negotiated
+    assert _datagram_frames(datagram_frame(b"x" * 100, 2), 100) is None  # over our limit
+    assert _datagram_frames(datagram_frame(b"x" * 90, 2), 100) == [b"x" * 90]
+
+
+def test_receiving_half_reports_datagram_only_packets():
+    client, server, now = connected_pair()
+    client.send_datagram_frame(b"x" * 200)
+    (packet,) = build_datagram_packets(client, now[0])
+    assert receive_datagram_fast(server, packet, CLIENT, now[0]) is Received.DATAGRAMS_ONLY
+    client.send_ping(7)
+    ((ping_packet, _),) = client.datagrams_to_send(now=now[0])
+    assert receive_datagram_fast(server, ping_packet, CLIENT, now[0]) is Received.DONE
+
+
+# -- the driver sends through aioquic's generic path only when it may have work -------------
+
+
+class CountingConnection:
+    """Counts calls of aioquic's generic ``datagrams_to_send`` on one connection."""
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self.calls = 0
+        original = quic.datagrams_to_send
+
+        def counted(now: float):
+            self.calls += 1
+            return original(now=now)
+
+        quic.datagrams_to_send = counted  # type: ignore[method-assign]
+
+
+def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypatch):
+    client, server, now = connected_pair()
+    monkeypatch.setattr(quic_module.trio, "current_time", lambda: now[0])
+    sent: list = []
+    driver = QuicDriver(client, sent.extend, lambda event: None)
+    generic = CountingConnection(client)
+
+    driver.transmit()  # a new driver knows nothing about the connection: full send
+    assert generic.calls == 1
+
+    client.send_datagram_frame(b"p" * 100)
+    driver.transmit()
+    assert generic.calls == 1 and len(sent) == 1  # sent by the fast path alone
+
+    for queue_work in (
+        lambda: client.send_stream_data(0, b"control"),
+        lambda: client.send_ping(1),
+        lambda: client.change_connection_id(),
+    ):
+        queue_work()
+        before = generic.calls
+        driver.transmit()
+        assert generic.calls == before + 1
+
+    # A packet of datagrams from the peer schedules an ACK but nothing else; the ACK goes
+    # out once it is due.
+    server.send_datagram_frame(b"q" * 100)
+    (reply,) = build_datagram_packets(server, now[0])
+    before = generic.calls
+    driver.receive(reply, SERVER, now[0])
+    driver.transmit()
+    assert generic.calls == before
+    now[0] += 0.05
+    sent.clear()
+    driver.transmit()
+    assert generic.calls == before + 1 and sent  # the ACK
+
+    # Anything else from the peer (here its ACKs) goes through aioquic's sender.
+    client.send_datagram_frame(b"r" * 100)
+    driver.transmit()
+    for data, _ in sent:
+        server.receive_datagram(data, CLIENT, now=now[0])
+    now[0] += 0.05
+    acks = server.datagrams_to_send(now=now[0])
+    assert acks
+    before = generic.calls
+    for data, _ in acks:
+        driver.receive(data, SERVER, now[0])
+    driver.transmit()
+    assert generic.calls == before + 1

@@ -263,7 +263,12 @@ class ClientSession(Channel):
                 if is_stateless_reset(self.quic, data):
                     raise SessionLost("the server no longer knows this session (it restarted)")
                 driver.receive(data, addr, now)
+            tun = self.tun
+            writes = tun.writes if tun is not None else 0
             driver.deliver_events()
+            if tun is not None and tun.writes != writes:
+                # What the kernel answered inside our write (TCP ACKs) joins this send.
+                self._forward_from_tun(tun)
             self.touched.add(self)  # whatever receiving produced (ACKs) goes out now
             self._flush()
 
@@ -296,18 +301,23 @@ class ClientSession(Channel):
             self.driver.transmit()
 
     async def tun_pump(self, tun: TunDevice) -> None:
+        while True:
+            await tun.wait_readable()
+            self._forward_from_tun(tun)
+            self._flush()
+
+    def _forward_from_tun(self, tun: TunDevice) -> None:
+        """Queue what the TUN device holds (up to a batch) to the server; never blocks. The
+        caller flushes."""
         server_packed = self.client.server_packed
         server_port = self.client.server_port
         send = self.send_packet
-        while True:
-            await tun.wait_readable()
-            for packet in tun.read_batch(TUN_BATCH):
-                if _is_to_tunnel_port(packet, server_packed, server_port):
-                    # Our own QUIC traffic routed back into the tunnel would loop forever.
-                    self.drops["tunnel_port"] += 1
-                    continue
-                send(packet)
-            self._flush()
+        for packet in tun.read_batch(TUN_BATCH):
+            if _is_to_tunnel_port(packet, server_packed, server_port):
+                # Our own QUIC traffic routed back into the tunnel would loop forever.
+                self.drops["tunnel_port"] += 1
+                continue
+            send(packet)
 
     async def heartbeat(self) -> None:
         """Ping every interval; after one missed answer try a new socket (roaming), and declare

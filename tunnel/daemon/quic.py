@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import enum
 import hashlib
 import hmac
 import logging
@@ -30,7 +31,7 @@ from aioquic.quic.connection import (
     QuicReceiveContext,
 )
 from aioquic.quic.crypto import CryptoError, KeyUnavailableError
-from aioquic.quic.events import QuicEvent
+from aioquic.quic.events import DatagramFrameReceived, QuicEvent
 from aioquic.quic.packet import (
     PACKET_SPIN_BIT,
     QuicErrorCode,
@@ -328,12 +329,54 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     return packets
 
 
-def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: float) -> bool:
+class Received(enum.IntEnum):
+    """What :func:`receive_datagram_fast` did with a datagram (false only for NOT_OURS)."""
+
+    NOT_OURS = 0  # untouched: hand it to aioquic
+    DONE = 1  # received (or dropped, as aioquic would have)
+    DATAGRAMS_ONLY = 2  # received, and it held nothing but DATAGRAM frames
+
+
+def _datagram_frames(payload: bytes, max_frame_size: int | None) -> list[bytes] | None:
+    """The datagrams of a payload that holds DATAGRAM frames and nothing else, each within the
+    size we accept; None for anything else, malformed payloads included, which aioquic's own
+    frame dispatcher then handles (and rejects) exactly as it always does."""
+    if max_frame_size is None:
+        return None
+    datagrams = []
+    i = 0
+    end = len(payload)
+    while i < end:
+        frame_type = payload[i]
+        if frame_type == 0x30:  # DATAGRAM without length: runs to the end of the packet
+            start, stop = i + 1, end
+        elif frame_type == _DATAGRAM_WITH_LENGTH and i + 1 < end:
+            first = payload[i + 1]
+            if first < 0x40:
+                start = i + 2
+                stop = start + first
+            elif first < 0x80 and i + 2 < end:
+                start = i + 3
+                stop = start + (((first & 0x3F) << 8) | payload[i + 2])
+            else:
+                return None  # longer lengths than a packet of ours can hold
+            if stop > end:
+                return None
+        else:
+            return None
+        if stop - (i + 1) >= max_frame_size:
+            return None  # over our limit: aioquic closes the connection for it
+        datagrams.append(payload[start:stop])
+        i = stop
+    return datagrams or None
+
+
+def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: float) -> Received:
     """The receiving half of the fast path: one 1-RTT packet for our current connection ID on
     our current, validated path, in the plain connected state. Does what aioquic's
     ``receive_datagram`` does for exactly that case (decrypt, duplicate check, spin bit, frames
     through aioquic's own ``_payload_received``, idle timer, ACK bookkeeping) without its
-    generic header parsing, connection-ID search and path handling. Returns False, having
+    generic header parsing, connection-ID search and path handling. Returns NOT_OURS, having
     touched nothing, for every other datagram: the caller hands those to aioquic."""
     if (
         len(data) < 26
@@ -344,49 +387,59 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
         or quic._quic_logger is not None
         or data[1:9] != quic.host_cid
     ):
-        return False
+        return Received.NOT_OURS
     path = quic._network_paths[0]
     if path.addr != addr or not path.is_validated:
-        return False
+        return Received.NOT_OURS
     space = quic._spaces[_ONE_RTT]
     try:
         plain_header, payload, number = quic._cryptos[_ONE_RTT].decrypt_packet(
             data, 9, space.expected_packet_number
         )
     except (CryptoError, KeyUnavailableError):
-        return True  # dropped, as aioquic drops it
+        return Received.DONE  # dropped, as aioquic drops it
     if number in space.received_packets:
-        return True  # duplicate
+        return Received.DONE  # duplicate
     if plain_header[0] & 0x18:
         quic.close(
             error_code=QuicErrorCode.PROTOCOL_VIOLATION,
             frame_type=QuicFrameType.PADDING,
             reason_phrase="Reserved bits must be zero",
         )
-        return True
+        return Received.DONE
     if number > space.expected_packet_number:
         space.expected_packet_number = number + 1
     if number > quic._spin_highest_pn:
         spin = bool(plain_header[0] & PACKET_SPIN_BIT)
         quic._spin_bit = not spin if quic._is_client else spin
         quic._spin_highest_pn = number
-    context = QuicReceiveContext(
-        epoch=_ONE_RTT,
-        host_cid=quic.host_cid,
-        network_path=path,
-        quic_logger_frames=None,
-        time=now,
-        version=quic._version,
-    )
-    try:
-        ack_eliciting, _probing = quic._payload_received(context, payload)
-    except QuicConnectionError as exc:
-        quic.close(
-            error_code=exc.error_code, frame_type=exc.frame_type, reason_phrase=exc.reason_phrase
+    datagrams = _datagram_frames(payload, quic._configuration.max_datagram_frame_size)
+    if datagrams is not None:
+        # The usual packet: what aioquic's dispatcher would do for it, without the dispatcher.
+        events = quic._events
+        for data in datagrams:
+            events.append(DatagramFrameReceived(data=data))
+        ack_eliciting = True
+    else:
+        context = QuicReceiveContext(
+            epoch=_ONE_RTT,
+            host_cid=quic.host_cid,
+            network_path=path,
+            quic_logger_frames=None,
+            time=now,
+            version=quic._version,
         )
-        return True
-    if quic._state in END_STATES or quic._close_pending:
-        return True
+        try:
+            ack_eliciting, _probing = quic._payload_received(context, payload)
+        except QuicConnectionError as exc:
+            quic.close(
+                error_code=exc.error_code,
+                frame_type=exc.frame_type,
+                reason_phrase=exc.reason_phrase,
+            )
+            return Received.DONE
+        if quic._state in END_STATES or quic._close_pending:
+            return Received.DONE
     # Push the idle deadline back, as aioquic does on every packet; computing it walks the loss
     # recovery state, so at most every 50 ms (60 s idle timeout: nothing to notice).
     if quic._close_at is None or quic._close_at - now < IDLE_TIMEOUT - 0.05:
@@ -402,7 +455,36 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
             space.ack_queue.shift()
         if ack_eliciting and space.ack_at is None:
             space.ack_at = now + quic._ack_delay
-    return True
+    return Received.DONE if datagrams is None else Received.DATAGRAMS_ONLY
+
+
+def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
+    """Could aioquic's ``datagrams_to_send`` produce anything that our own API calls queued?
+
+    Its generic builder costs more than a whole fast-path packet, so it is skipped when the
+    only thing that happened since its last run is DATAGRAMs, which the fast path sends. This
+    checks what our code queues through aioquic's API (stream data, a close, a PING, a
+    connection-ID change) and what the fast path leaves behind (datagrams it could not send,
+    a due ACK). Everything aioquic queues by itself, from received packets or its timer, is
+    covered by the driver's own flag."""
+    if (
+        quic._datagrams_pending
+        or quic._close_pending
+        or quic._ping_pending
+        or quic._retire_connection_ids
+        or quic._probe_pending
+        or quic._state is not QuicConnectionState.CONNECTED
+        or not quic._handshake_confirmed
+    ):
+        return True
+    ack_at = quic._spaces[_ONE_RTT].ack_at
+    if ack_at is not None and ack_at <= now:
+        return True
+    for stream in quic._streams.values():
+        sender = stream.sender
+        if not sender.buffer_is_empty or sender.reset_pending or stream.receiver.stop_pending:
+            return True
+    return False
 
 
 class QuicDriver:
@@ -420,11 +502,17 @@ class QuicDriver:
         self._send = send
         self._handle_event = handle_event
         self._timer_scope: trio.CancelScope | None = None
+        # Whether aioquic itself may have queued something (from a received packet or its
+        # timer) that only its generic send path sends.
+        self._aioquic_due = True
 
     def receive(self, data: bytes, addr: Address, now: float) -> None:
         """Feed one UDP datagram. Call :meth:`pump` once after a batch of these."""
-        if not receive_datagram_fast(self.quic, data, addr, now):
+        received = receive_datagram_fast(self.quic, data, addr, now)
+        if received is Received.NOT_OURS:
             self.quic.receive_datagram(data, addr, now)
+        if received is not Received.DATAGRAMS_ONLY:
+            self._aioquic_due = True
 
     def deliver_events(self) -> None:
         """Hand every pending event to its handler. The caller sends afterwards (once per batch,
@@ -442,17 +530,25 @@ class QuicDriver:
         self.transmit()
 
     def transmit(self) -> None:
+        """Send everything the connection has queued, and re-arm the timer."""
+        quic = self.quic
         now = trio.current_time()
-        fast = build_datagram_packets(self.quic, now)
-        datagrams = self.quic.datagrams_to_send(now=now)
+        fast = build_datagram_packets(quic, now)
+        if self._aioquic_due or aioquic_has_work(quic, now):
+            # Whatever this cannot send yet (congestion, pacing) waits for an ACK or the
+            # timer, and each of those sets the flag again.
+            self._aioquic_due = False
+            datagrams = quic.datagrams_to_send(now=now)
+        else:
+            datagrams = []
         if fast:
-            addr = self.quic._network_paths[0].addr
+            addr = quic._network_paths[0].addr
             datagrams = [(packet, addr) for packet in fast] + datagrams
         if datagrams:
             self._send(datagrams)
         scope = self._timer_scope
         if scope is not None:
-            timer = self.quic.get_timer()
+            timer = quic.get_timer()
             scope.deadline = math.inf if timer is None else timer
 
     async def run_timer(self) -> None:
@@ -467,4 +563,5 @@ class QuicDriver:
             now = trio.current_time()
             if timer is not None and now >= timer:
                 self.quic.handle_timer(now)
+                self._aioquic_due = True
                 self.pump()

@@ -354,6 +354,7 @@ class Server:
     async def udp_pump(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         endpoint = self.endpoint
+        tun = self.tun
         while True:
             await endpoint.wait_readable()
             now = trio.current_time()
@@ -362,10 +363,15 @@ class Server:
                 session = self._route_datagram(data, addr, now)
                 if session is not None:
                     received.add(session)
+            writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
+            if tun.writes != writes:
+                # The kernel answers some packets inside our write (an echo reply, a TCP ACK):
+                # take those now, into this batch's send, not after another scheduler round.
+                self._forward_from_tun()
             # One send per session per batch: what receiving produced (ACKs) together with
-            # what the events queued (packets forwarded to other clients, pongs).
+            # what the events queued (packets forwarded to other clients, pongs, answers).
             self.touched |= received
             self.flush()
 
@@ -547,33 +553,38 @@ class Server:
 
     async def tun_pump(self) -> None:
         tun = self.tun
+        while True:
+            await tun.wait_readable()
+            self._forward_from_tun()
+            self.flush()
+
+    def _forward_from_tun(self) -> None:
+        """Queue what the TUN device holds (up to a batch) to the sessions it is routed to;
+        never blocks. The caller flushes."""
         routes = self.routes
         drops = self.drops
         nat64_source = self.nat64_source
-        while True:
-            await tun.wait_readable()
-            for packet in tun.read_batch(TUN_BATCH):
-                version = packet[0] >> 4 if packet else 0
-                if version == 4:
-                    dst = packet[16:20]
-                elif version == 6:
-                    dst = packet[24:40]
+        for packet in self.tun.read_batch(TUN_BATCH):
+            version = packet[0] >> 4 if packet else 0
+            if version == 4:
+                dst = packet[16:20]
+            elif version == 6:
+                dst = packet[24:40]
+            else:
+                drops["malformed"] += 1
+                continue
+            session = routes.get(dst)
+            if session is None:
+                if dst == nat64_source:
+                    self._nat64_inbound(packet)
                 else:
-                    drops["malformed"] += 1
-                    continue
-                session = routes.get(dst)
-                if session is None:
-                    if dst == nat64_source:
-                        self._nat64_inbound(packet)
-                    else:
-                        drops["no_route"] += 1
-                    continue
-                if packet[9 if version == 4 else 6] == UDP and self._from_tunnel_port(packet):
-                    # Our own QUIC packets routed into the TUN would loop forever.
-                    drops["tunnel_port"] += 1
-                    continue
-                session.send_packet(packet)
-            self.flush()
+                    drops["no_route"] += 1
+                continue
+            if packet[9 if version == 4 else 6] == UDP and self._from_tunnel_port(packet):
+                # Our own QUIC packets routed into the TUN would loop forever.
+                drops["tunnel_port"] += 1
+                continue
+            session.send_packet(packet)
 
     def _from_tunnel_port(self, packet: bytes) -> bool:
         ports = udp_ports_untrusted(packet)

@@ -45,6 +45,7 @@ class TunDevice:
         self.fd: int = fd
         self.name: str = ifr[:16].rstrip(b"\0").decode()
         self.write_drops = 0
+        self.writes = 0  # packets handed to the kernel
 
     def __enter__(self) -> TunDevice:
         return self
@@ -88,6 +89,7 @@ class TunDevice:
         """Hand one packet to the kernel; drop (and count) if the kernel queue is full."""
         try:
             os.write(self.fd, packet)
+            self.writes += 1
         except (BlockingIOError, OSError):
             # EAGAIN: queue full; EINVAL: the kernel refused a malformed packet. Either way the
             # packet is gone, like on a congested link, and it is counted.

@@ -109,14 +109,20 @@ class FakeEndpoint:
 
 class FakeTun:
     """The :class:`tunnel.daemon.tun.TunDevice` interface. ``inject`` plays the kernel sending a
-    packet into the tunnel; ``written`` collects what the daemon delivered to the kernel."""
+    packet into the tunnel; ``written`` collects what the daemon delivered to the kernel.
 
-    def __init__(self, name: str) -> None:
+    ``answer``, if given, plays the kernel's own stack answering a written packet (an echo
+    reply) inside the write: what it returns is queued for reading at once, but, unlike
+    ``inject``, without waking a reader: a daemon only sees it if it reads after writing."""
+
+    def __init__(self, name: str, answer: Callable[[bytes], bytes | None] | None = None) -> None:
         self.name = name.replace("%d", "0")
+        self.answer = answer
         self.inbox = _Inbox()
         self.written: list[bytes] = []
         self._written_lot = trio.lowlevel.ParkingLot()
         self.write_drops = 0
+        self.writes = 0
 
     def inject(self, packet: bytes) -> None:
         self.inbox.put(packet)
@@ -128,8 +134,13 @@ class FakeTun:
         return self.inbox.take(limit)
 
     def write(self, packet: bytes) -> None:
+        self.writes += 1
         self.written.append(bytes(packet))
         self._written_lot.unpark_all()
+        if self.answer is not None:
+            reply = self.answer(bytes(packet))
+            if reply is not None:
+                self.inbox.items.append(reply)
 
     async def wait_written(self, count: int = 1) -> None:
         while len(self.written) < count:
