@@ -10,9 +10,11 @@ import errno
 import fcntl
 import os
 import struct
+import time
 
 import trio
 
+from tunnel.core.readahead import ReadAhead
 from tunnel.errors import SystemSetupError
 
 TUNSETIFF = 0x400454CA
@@ -46,6 +48,7 @@ class TunDevice:
         self.name: str = ifr[:16].rstrip(b"\0").decode()
         self.write_drops = 0
         self.writes = 0  # packets handed to the kernel
+        self.read_ahead = ReadAhead()
 
     def __enter__(self) -> TunDevice:
         return self
@@ -70,19 +73,23 @@ class TunDevice:
         await trio.lowlevel.wait_readable(self.fd)
 
     def read_batch(self, limit: int = 64) -> list[bytes]:
-        """Read up to ``limit`` packets without blocking (an empty list when none is waiting)."""
+        """Read up to ``limit`` packets without blocking (an empty list when none is waiting).
+        After a quiet spell only the first: see :mod:`tunnel.core.readahead`."""
         packets = []
         read = os.read
         fd = self.fd
         try:
-            for _ in range(limit):
-                packets.append(read(fd, READ_SIZE))
+            packets.append(read(fd, READ_SIZE))
+            if self.read_ahead.should_drain(time.monotonic()):
+                for _ in range(limit - 1):
+                    packets.append(read(fd, READ_SIZE))
         except BlockingIOError:
             pass
         except OSError as exc:
             # EBADF after close, EIO while the device is going down: nothing more to read.
             if exc.errno not in (errno.EBADF, errno.EIO):
                 raise
+        self.read_ahead.record(len(packets))
         return packets
 
     def write(self, packet: bytes) -> None:

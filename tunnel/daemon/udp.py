@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import time
 from typing import Any
 
 import trio
 
+from tunnel.core.readahead import ReadAhead
 from tunnel.errors import SystemSetupError
 
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -41,6 +43,7 @@ class UdpEndpoint:
         self.sock = sock
         self.local_address = sock.getsockname()
         self.send_drops = 0
+        self.read_ahead = ReadAhead()
         # GSO: a run of equal-size datagrams to one address in one sendmsg. Off for good if
         # the kernel or device refuses it.
         self.gso = True
@@ -77,18 +80,22 @@ class UdpEndpoint:
         await trio.lowlevel.wait_readable(self.sock)
 
     def receive_batch(self, limit: int) -> list[tuple[bytes, Any]]:
-        """Up to ``limit`` datagrams that are already waiting; never blocks."""
+        """Up to ``limit`` datagrams that are already waiting; never blocks. After a quiet
+        spell only the first: see :mod:`tunnel.core.readahead`."""
         batch = []
         recvfrom = self.sock.recvfrom
         try:
-            for _ in range(limit):
-                batch.append(recvfrom(RECV_SIZE))
+            batch.append(recvfrom(RECV_SIZE))
+            if self.read_ahead.should_drain(time.monotonic()):
+                for _ in range(limit - 1):
+                    batch.append(recvfrom(RECV_SIZE))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
             # ICMP errors surface as ECONNREFUSED & co on the next call: not ours to act on;
             # QUIC notices a dead peer by itself.
             pass
+        self.read_ahead.record(len(batch))
         return batch
 
     def send(self, data: bytes, addr: Any) -> None:
