@@ -22,6 +22,8 @@ from typing import Any
 
 import trio
 from aioquic import tls
+from aioquic._crypto import AEAD as _AeadPrimitive
+from aioquic._crypto import HeaderProtection as _HeaderProtection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     END_STATES,
@@ -30,18 +32,20 @@ from aioquic.quic.connection import (
     QuicConnectionState,
     QuicReceiveContext,
 )
-from aioquic.quic.crypto import CryptoError, KeyUnavailableError
+from aioquic.quic.crypto import CryptoError, CryptoPair, KeyUnavailableError
 from aioquic.quic.events import DatagramFrameReceived, QuicEvent
 from aioquic.quic.packet import (
     PACKET_SPIN_BIT,
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    decode_packet_number,
 )
 from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import K_MICRO_SECOND, K_SECOND, MAX_ACK_RANGES, QuicPacketPacer
 from aioquic.tls import SessionTicket
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
@@ -235,6 +239,73 @@ def is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
     return bool(token) and len(data) >= 21 and not data[0] & 0x80 and data[-16:] == token
 
 
+# aioquic 1.6 and later protect packets in Python over `cryptography`; the layers between a
+# packet and the two primitive calls (pair, context, AEAD and header-protection objects, and
+# copies of the packet) cost more than the primitives, so the fast paths call them directly.
+# With aioquic's older C extension, or during a key update, aioquic's own methods do the work.
+def _direct_crypto_usable() -> bool:
+    try:
+        aead = _AeadPrimitive(b"aes-128-gcm", bytes(16), bytes(12))
+        protection = _HeaderProtection(b"aes-128-ecb", bytes(16))
+        return (
+            isinstance(aead._iv, int)  # type: ignore[attr-defined]
+            and callable(aead._aead.encrypt)  # type: ignore[attr-defined]
+            and len(protection._mask(bytes(16))) >= 5  # type: ignore[attr-defined]
+        )
+    except Exception:  # a C extension, or internals that moved: aioquic's own path
+        return False
+
+
+_DIRECT_CRYPTO = _direct_crypto_usable()
+
+
+def seal_short_packet(
+    crypto: CryptoPair, first_byte: int, peer_cid: bytes, number: int, payload: bytes
+) -> bytes:
+    """A protected 1-RTT packet with a 2-byte packet number: exactly what aioquic's
+    ``crypto.encrypt_packet(header, payload, number)`` returns for that header."""
+    header = bytes((first_byte,)) + peer_cid + (number & 0xFFFF).to_bytes(2, "big")
+    if not _DIRECT_CRYPTO or crypto._update_key_requested:
+        return crypto.encrypt_packet(header, payload, number)
+    context = crypto.send
+    aead = context.aead
+    protected = aead._aead.encrypt((aead._iv ^ number).to_bytes(12, "big"), payload, header)
+    # Header protection samples 16 bytes starting 4 bytes after the packet number's start.
+    mask = context.hp._mask(protected[2:18])
+    truncated = (number & 0xFFFF) ^ ((mask[1] << 8) | mask[2])
+    return b"".join(
+        (bytes((first_byte ^ (mask[0] & 0x1F),)), peer_cid, truncated.to_bytes(2, "big"), protected)
+    )
+
+
+def open_short_packet(
+    crypto: CryptoPair, data: bytes, expected_number: int
+) -> tuple[bytes, bytes, int]:
+    """(plain header, payload, packet number) of a 1-RTT packet to an 8-byte connection ID:
+    exactly what aioquic's ``crypto.decrypt_packet(data, 9, expected_number)`` returns, and
+    the same CryptoError when the packet does not authenticate."""
+    context = crypto.recv
+    if not _DIRECT_CRYPTO or context.aead is None or len(data) < 29:
+        return crypto.decrypt_packet(data, 9, expected_number)
+    mask = context.hp._mask(data[13:29])
+    first = data[0] ^ (mask[0] & 0x1F)
+    if (first >> 2) & 1 != context.key_phase:
+        return crypto.decrypt_packet(data, 9, expected_number)  # a key update: aioquic's
+    pn_length = (first & 3) + 1
+    end = 9 + pn_length
+    truncated = int.from_bytes(data[9:end], "big") ^ int.from_bytes(mask[1 : 1 + pn_length], "big")
+    number = decode_packet_number(truncated, pn_length * 8, expected_number)
+    plain_header = bytes((first,)) + data[1:9] + truncated.to_bytes(pn_length, "big")
+    aead = context.aead
+    try:
+        payload = aead._aead.decrypt(
+            (aead._iv ^ number).to_bytes(12, "big"), data[end:], plain_header
+        )
+    except InvalidTag as exc:
+        raise CryptoError(str(exc)) from None
+    return plain_header, payload, number
+
+
 _ONE_RTT = tls.Epoch.ONE_RTT
 _DATAGRAM_WITH_LENGTH = 0x31
 # Room for frames in a 1-RTT packet: short header (1 + 8-byte CID + 2-byte packet number) and
@@ -299,12 +370,9 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
             length = bytes((size,)) if size < 64 else (0x4000 | size).to_bytes(2, "big")
             frames.append(b"\x31" + length + data)
         number = quic._packet_number
-        header = (
-            bytes((first_byte | (crypto.key_phase << 2),))
-            + peer_cid
-            + (number & 0xFFFF).to_bytes(2, "big")
+        packet = seal_short_packet(
+            crypto, first_byte | (crypto.key_phase << 2), peer_cid, number, b"".join(frames)
         )
-        packet = crypto.encrypt_packet(header, b"".join(frames), number)
         quic._packet_number = number + 1
         loss.on_packet_sent(
             packet=QuicSentPacket(
@@ -393,8 +461,8 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
         return Received.NOT_OURS
     space = quic._spaces[_ONE_RTT]
     try:
-        plain_header, payload, number = quic._cryptos[_ONE_RTT].decrypt_packet(
-            data, 9, space.expected_packet_number
+        plain_header, payload, number = open_short_packet(
+            quic._cryptos[_ONE_RTT], data, space.expected_packet_number
         )
     except (CryptoError, KeyUnavailableError):
         return Received.DONE  # dropped, as aioquic drops it
