@@ -653,17 +653,76 @@ def _iperf3(bench: Bench, ep: Endpoints, *, reverse: bool, flows: int,
     raise AssertionError("unreachable")
 
 
-def measure(bench: Bench, contender: Contender, ep: Endpoints, *, seconds: float, pings: int,
-            log: Callable[[str], None]) -> dict[str, Any]:
-    """Run every measurement on a started contender; returns ``{"metrics", "runs", ...}``."""
-    procs = contender.procs
-    _wait_reachable(bench, bench.b, ep.addr_a, procs)
-    _ping(bench, bench.b, ep.addr_a, 5)  # warm caches and paths before the real thing
-    ping = _ping(bench, bench.b, ep.addr_a, pings)
-    log(f"  ping: avg {ping['avg_ms']:.3f} ms (min {ping['min_ms']:.3f}, "
-        f"max {ping['max_ms']:.3f}, {ping['received']:.0f}/{ping['sent']:.0f} answered)")
-    metrics: dict[str, float | None] = {"rtt_ms": ping["avg_ms"]}
-    runs: dict[str, Any] = {"ping": ping}
+# Pings per contender per round of the interleaved RTT measurement.
+PING_ROUND = 10
+
+
+def combine_pings(rounds: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One figure from several ``ping`` runs: the average over every answered ping."""
+    received = sum(r["received"] for r in rounds)
+    if not received:
+        raise BenchError("no ping was answered")
+    return {
+        "avg_ms": sum(r["avg_ms"] * r["received"] for r in rounds) / received,
+        "min_ms": min(r["min_ms"] for r in rounds),
+        "max_ms": max(r["max_ms"] for r in rounds),
+        "sent": sum(r["sent"] for r in rounds),
+        "received": received,
+        "rounds": len(rounds),
+    }
+
+
+def ping_order(names: Sequence[str], round_index: int) -> list[str]:
+    """Who pings first in each round: everyone in turn."""
+    shift = round_index % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def measure_rtt(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], pings: int,
+                log: Callable[[str], None]) -> dict[str, dict[str, float] | BenchError]:
+    """Idle ping RTT of every running contender, interleaved: rounds of PING_ROUND pings to
+    each, in rotating order, so a slow spell of the machine falls on all of them alike (run
+    one after the other, the same figure moved by a quarter from minute to minute)."""
+    live: list[str] = []
+    outcome: dict[str, dict[str, float] | BenchError] = {}
+    for name, (contender, ep) in running.items():
+        try:
+            _wait_reachable(bench, bench.b, ep.addr_a, contender.procs)
+            _ping(bench, bench.b, ep.addr_a, 5)  # warm caches, paths and handshakes
+            live.append(name)
+        except BenchError as exc:
+            outcome[name] = exc
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in live}
+    for index in range(-(-pings // PING_ROUND)):
+        count = min(PING_ROUND, pings - index * PING_ROUND)
+        for name in ping_order(live, index) if live else []:
+            if isinstance(outcome.get(name), BenchError):
+                continue
+            try:
+                rounds[name].append(_ping(bench, bench.b, running[name][1].addr_a, count))
+            except BenchError as exc:
+                outcome[name] = exc
+    for name in live:
+        if name not in outcome:
+            try:
+                outcome[name] = combine_pings(rounds[name])
+            except BenchError as exc:
+                outcome[name] = exc
+        result = outcome[name]
+        if isinstance(result, BenchError):
+            log(f"  {name}: ping FAILED: {result}")
+        else:
+            log(f"  {name}: avg {result['avg_ms']:.3f} ms (min {result['min_ms']:.3f}, "
+                f"max {result['max_ms']:.3f}, {result['received']:.0f}/{result['sent']:.0f} "
+                f"answered, {result['rounds']:.0f} rounds)")
+    return outcome
+
+
+def measure_throughput(bench: Bench, contender: Contender, ep: Endpoints, *, seconds: float,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """iperf3 both ways, 1 and 4 flows, with CPU per GB; returns ``{"metrics", "runs"}``."""
+    metrics: dict[str, float | None] = {}
+    runs: dict[str, Any] = {}
     if shutil.which("iperf3") is None:
         runs["iperf3"] = "skipped: iperf3 not installed"
         log("  iperf3: skipped: iperf3 not installed")
@@ -838,8 +897,9 @@ def _parse_args(argv: Sequence[str]) -> Any:
                              f"(known: {', '.join(CONTENDERS)}; default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="length of each iperf3 run (default: %(default)s)")
-    parser.add_argument("--pings", type=int, default=20,
-                        help="pings (0.05 s apart) for the RTT figure (default: %(default)s)")
+    parser.add_argument("--pings", type=int, default=60,
+                        help="pings (0.05 s apart) to each contender for the RTT figure, "
+                             f"in interleaved rounds of {PING_ROUND} (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", type=Path,
                         help="where to write the results (default: "
                              "bench-results/bench-<timestamp>.json in the repository)")
@@ -881,6 +941,64 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _run_contenders(bench: Bench, contenders: Sequence[Contender], args: Any,
+                    results: dict[str, dict[str, Any]], log: Callable[[str], None]) -> bool:
+    """Bring every contender up side by side (distinct addresses and ports), measure their
+    idle RTT interleaved, then their throughput one at a time while the others sit idle; take
+    them all down however it ends. Fills ``results``; returns whether one failed."""
+    failed = False
+    running: dict[str, tuple[Contender, Endpoints]] = {}
+    errors = (BenchError, netns.CommandFailed, subprocess.TimeoutExpired, OSError)
+    try:
+        for contender in contenders:
+            log(f"== {contender.name}: {contender.description}")
+            missing = contender.missing()
+            if missing:
+                reason = f"skipped: {', '.join(missing)} not installed"
+                log(f"  {reason}")
+                results[contender.name] = {"status": reason}
+                continue
+            try:
+                ep = contender.start(bench)
+            except errors as exc:
+                failed = True
+                log(f"  FAILED: {exc}")
+                results[contender.name] = {"status": "failed", "reason": str(exc)[-4000:]}
+                contender.stop(bench)
+                continue
+            running[contender.name] = (contender, ep)
+            log(f"  up: {ep.addr_b} (B) -> {ep.addr_a} (A); pids A {ep.pids_a}, B {ep.pids_b}")
+        if not running:
+            return failed
+        log(f"== ping RTT without load: {args.pings} pings 0.05 s apart to each, in rounds "
+            f"of {PING_ROUND}, contenders taking turns")
+        rtts = measure_rtt(bench, running, args.pings, log)
+        for name, (contender, ep) in running.items():
+            rtt = rtts[name]
+            if isinstance(rtt, BenchError):
+                failed = True
+                results[name] = {"status": "failed", "reason": f"ping: {rtt}"}
+                continue
+            log(f"== {name}: TCP goodput and CPU (the others idle)")
+            try:
+                outcome = measure_throughput(bench, contender, ep, seconds=args.seconds,
+                                             log=log)
+                outcome["metrics"] = {"rtt_ms": rtt["avg_ms"], **outcome["metrics"]}
+                outcome["runs"]["ping"] = rtt
+                outcome["extra"] = contender.extra(bench)
+                outcome["status"] = "ok"
+                outcome["description"] = contender.description
+                results[name] = outcome
+            except errors as exc:
+                failed = True
+                log(f"  FAILED: {exc}")
+                results[name] = {"status": "failed", "reason": str(exc)[-4000:]}
+    finally:
+        for contender, _ in reversed(list(running.values())):
+            contender.stop(bench)
+    return failed
+
+
 def main(argv: Sequence[str], repo: Path) -> int:
     """``scripts/bench``: returns the exit code (0 when every requested contender that could
     run was measured, 1 if one failed, 2 on bad usage)."""
@@ -920,32 +1038,7 @@ def main(argv: Sequence[str], repo: Path) -> int:
                 f"{UNDERLAY_A} <-> {UNDERLAY_B}")
             with Bench(log) as bench:
                 log(f"   {bench.a.name} (server side A), {bench.b.name} (client side B)")
-                for contender in contenders:
-                    log(f"== {contender.name}: {contender.description}")
-                    missing = contender.missing()
-                    if missing:
-                        reason = f"skipped: {', '.join(missing)} not installed"
-                        log(f"  {reason}")
-                        results[contender.name] = {"status": reason}
-                        continue
-                    try:
-                        ep = contender.start(bench)
-                        log(f"  up: {ep.addr_b} (B) -> {ep.addr_a} (A); pids A {ep.pids_a}, "
-                            f"B {ep.pids_b}")
-                        outcome = measure(bench, contender, ep, seconds=args.seconds,
-                                          pings=args.pings, log=log)
-                        outcome["extra"] = contender.extra(bench)
-                        outcome["status"] = "ok"
-                        outcome["description"] = contender.description
-                        results[contender.name] = outcome
-                    except (BenchError, netns.CommandFailed, subprocess.TimeoutExpired,
-                            OSError) as exc:
-                        failed = True
-                        log(f"  FAILED: {exc}")
-                        results[contender.name] = {"status": "failed",
-                                                   "reason": str(exc)[-4000:]}
-                    finally:
-                        contender.stop(bench)
+                failed = _run_contenders(bench, contenders, args, results, log)
         except (KeyboardInterrupt, Interrupted):
             log("interrupted: cleaning up")
             return 130
