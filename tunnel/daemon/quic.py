@@ -307,6 +307,16 @@ def open_short_packet(
 
 
 _ONE_RTT = tls.Epoch.ONE_RTT
+
+
+def _remember_one_rtt(quic: QuicConnection) -> tuple[Any, CryptoPair]:
+    """The 1-RTT packet space and keys of a connected connection, looked up once. aioquic keys
+    them by an Enum whose ``__hash__`` is Python code, so each lookup is a call, and on the
+    way to every packet's system call each call counts. Both are created before the handshake
+    and never replaced."""
+    pair = (quic._spaces[_ONE_RTT], quic._cryptos[_ONE_RTT])
+    quic._tunnel_one_rtt = pair  # type: ignore[attr-defined]
+    return pair
 _DATAGRAM_WITH_LENGTH = 0x31
 # Room for frames in a 1-RTT packet: short header (1 + 8-byte CID + 2-byte packet number) and
 # the AEAD tag off a full datagram.
@@ -337,12 +347,15 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
         or len(quic._peer_cid.cid) != 8
     ):
         return []
-    crypto = quic._cryptos[_ONE_RTT]
-    if not crypto.send.is_valid():
+    try:
+        space, crypto = quic._tunnel_one_rtt  # type: ignore[attr-defined]
+    except AttributeError:
+        space, crypto = _remember_one_rtt(quic)
+    if crypto.send.aead is None:
         return []
     loss = quic._loss
     pacer = loss._pacer
-    space = quic._spaces[_ONE_RTT]
+    congestion = loss._cc
     path = quic._network_paths[0]
     first_byte = 0x40 | (quic._spin_bit << 5) | 1  # fixed bit, 2-byte packet number
     peer_cid = quic._peer_cid.cid
@@ -361,7 +374,7 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
             count += 1
         if count == 0:
             break  # cannot happen with sizes checked on the way in; aioquic decides
-        if loss.congestion_window - loss.bytes_in_flight < used + 27:
+        if congestion.congestion_window - congestion.bytes_in_flight < used + 27:
             break
         frames = []
         for _ in range(count):
@@ -371,7 +384,13 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
             frames.append(b"\x31" + length + data)
         number = quic._packet_number
         packet = seal_short_packet(
-            crypto, first_byte | (crypto.key_phase << 2), peer_cid, number, b"".join(frames)
+            crypto,
+            # CryptoPair.key_phase, without the property call unless a key update is pending.
+            first_byte
+            | ((crypto.key_phase if crypto._update_key_requested else crypto.recv.key_phase) << 2),
+            peer_cid,
+            number,
+            b"".join(frames),
         )
         quic._packet_number = number + 1
         loss.on_packet_sent(
@@ -459,10 +478,13 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
     path = quic._network_paths[0]
     if path.addr != addr or not path.is_validated:
         return Received.NOT_OURS
-    space = quic._spaces[_ONE_RTT]
+    try:
+        space, crypto = quic._tunnel_one_rtt  # type: ignore[attr-defined]
+    except AttributeError:
+        space, crypto = _remember_one_rtt(quic)
     try:
         plain_header, payload, number = open_short_packet(
-            quic._cryptos[_ONE_RTT], data, space.expected_packet_number
+            crypto, data, space.expected_packet_number
         )
     except (CryptoError, KeyUnavailableError):
         return Received.DONE  # dropped, as aioquic drops it
@@ -509,8 +531,8 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
         if quic._state in END_STATES or quic._close_pending:
             return Received.DONE
     # Push the idle deadline back, as aioquic does on every packet; computing it walks the loss
-    # recovery state, so at most every 50 ms (60 s idle timeout: nothing to notice).
-    if quic._close_at is None or quic._close_at - now < IDLE_TIMEOUT - 0.05:
+    # recovery state, so at most once a second (60 s idle timeout: nothing to notice).
+    if quic._close_at is None or quic._close_at - now < IDLE_TIMEOUT - 1.0:
         quic._close_at = now + quic._idle_timeout()
     quic._ack_eliciting_sent_since_receipt = False
     if not space.discarded:
@@ -545,7 +567,11 @@ def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
         or not quic._handshake_confirmed
     ):
         return True
-    ack_at = quic._spaces[_ONE_RTT].ack_at
+    try:
+        space, _ = quic._tunnel_one_rtt  # type: ignore[attr-defined]
+    except AttributeError:
+        space, _ = _remember_one_rtt(quic)
+    ack_at = space.ack_at
     if ack_at is not None and ack_at <= now:
         return True
     for stream in quic._streams.values():
@@ -585,12 +611,10 @@ class QuicDriver:
     def deliver_events(self) -> None:
         """Hand every pending event to its handler. The caller sends afterwards (once per batch,
         with whatever else the batch queued)."""
-        quic = self.quic
+        events = self.quic._events  # what next_event() pops, without a call per event
         handle = self._handle_event
-        event = quic.next_event()
-        while event is not None:
-            handle(event)
-            event = quic.next_event()
+        while events:
+            handle(events.popleft())
 
     def pump(self) -> None:
         """Deliver pending events, then send whatever the connection has to send."""
@@ -611,7 +635,10 @@ class QuicDriver:
             datagrams = []
         if fast:
             addr = quic._network_paths[0].addr
-            datagrams = [(packet, addr) for packet in fast] + datagrams
+            if len(fast) == 1:
+                datagrams.insert(0, (fast[0], addr))
+            else:
+                datagrams = [(packet, addr) for packet in fast] + datagrams
         if datagrams:
             self._send(datagrams)
         scope = self._timer_scope

@@ -47,15 +47,12 @@ class Channel:
         # the channels that have work, not every channel there is.
         self.touched = touched
 
-    def _datagram_queue_depth(self) -> int:
-        # aioquic's own queue is private and unbounded: we read its length to bound it.
-        return len(self.quic._datagrams_pending)
-
     def send_packet(self, packet: bytes) -> None:
         """Queue one IP packet to the peer. Call ``driver.transmit()`` after a batch."""
         size = len(packet)
         if size <= self.max_datagram_payload:
-            if self._datagram_queue_depth() >= MAX_QUEUED_DATAGRAMS:
+            # aioquic's own queue is private and unbounded: we read its length to bound it.
+            if len(self.quic._datagrams_pending) >= MAX_QUEUED_DATAGRAMS:
                 self.drops["queue_full"] += 1
                 return
             self.quic.send_datagram_frame(packet)
