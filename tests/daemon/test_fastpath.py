@@ -213,7 +213,11 @@ class CountingConnection:
 
 def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypatch):
     client, server, now = connected_pair()
-    monkeypatch.setattr(quic_module.trio, "current_time", lambda: now[0])
+    class Clock:
+        def current_time(self) -> float:
+            return now[0]
+
+    monkeypatch.setattr(quic_module.trio.lowlevel, "current_clock", Clock)
     sent: list = []
     driver = QuicDriver(client, sent.extend, lambda event: None)
     generic = CountingConnection(client)

@@ -15,19 +15,17 @@ BURST_GAP = 0.001
 
 
 class ReadAhead:
-    """Per device: call :meth:`should_drain` before reading past the first packet, and
-    :meth:`record` with how many packets the wake-up read."""
+    """Per device: call :meth:`should_drain` before reading past the first packet of a
+    wake-up, and set :attr:`last_count` to how many packets the wake-up read (an attribute,
+    not a method: this runs on the way to every packet)."""
 
-    __slots__ = ("_last_wake", "_last_count")
+    __slots__ = ("_last_wake", "last_count")
 
     def __init__(self) -> None:
         self._last_wake = float("-inf")
-        self._last_count = 0
+        self.last_count = 0
 
     def should_drain(self, now: float) -> bool:
-        busy = self._last_count > 1 or now - self._last_wake < BURST_GAP
+        busy = self.last_count > 1 or now - self._last_wake < BURST_GAP
         self._last_wake = now
         return busy
-
-    def record(self, count: int) -> None:
-        self._last_count = count

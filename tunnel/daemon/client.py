@@ -250,6 +250,7 @@ class ClientSession(Channel):
 
     async def udp_pump(self) -> None:
         driver = self.driver
+        clock = trio.lowlevel.current_clock()
         while True:
             endpoint = self.endpoint
             try:
@@ -258,7 +259,7 @@ class ClientSession(Channel):
                 if endpoint is self.endpoint:
                     raise
                 continue  # rebound: wait on the new socket
-            now = trio.current_time()
+            now = clock.current_time()
             for data, addr in endpoint.receive_batch(UDP_BATCH):
                 if is_stateless_reset(self.quic, data):
                     raise SessionLost("the server no longer knows this session (it restarted)")

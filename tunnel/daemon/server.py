@@ -355,9 +355,10 @@ class Server:
         self._nursery = nursery
         endpoint = self.endpoint
         tun = self.tun
+        clock = trio.lowlevel.current_clock()
         while True:
             await endpoint.wait_readable()
-            now = trio.current_time()
+            now = clock.current_time()
             received: set[ServerSession] = set()
             for data, addr in endpoint.receive_batch(UDP_BATCH):
                 session = self._route_datagram(data, addr, now)

@@ -89,7 +89,7 @@ class TunDevice:
             # EBADF after close, EIO while the device is going down: nothing more to read.
             if exc.errno not in (errno.EBADF, errno.EIO):
                 raise
-        self.read_ahead.record(len(packets))
+        self.read_ahead.last_count = len(packets)
         return packets
 
     def write(self, packet: bytes) -> None:

@@ -95,7 +95,7 @@ class UdpEndpoint:
             # ICMP errors surface as ECONNREFUSED & co on the next call: not ours to act on;
             # QUIC notices a dead peer by itself.
             pass
-        self.read_ahead.record(len(batch))
+        self.read_ahead.last_count = len(batch)
         return batch
 
     def send(self, data: bytes, addr: Any) -> None:
