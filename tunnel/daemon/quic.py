@@ -328,12 +328,13 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
 
     aioquic builds every packet through a generic builder that considers every frame type; for
     a packet holding only DATAGRAM frames that is most of the sender's CPU. Here such packets
-    are laid out directly, sealed with aioquic's own packet protection, and registered with its
-    loss recovery and congestion control exactly as its builder would (sent-packet record,
-    bytes in flight, pacer, idle timer, path byte count). Whatever else is pending (ACKs,
-    stream data, control frames) is left for aioquic's ``datagrams_to_send``, called right
-    after, and so is everything while the connection is not in its plain connected state
-    (handshake, migration, closing, logging). Reads aioquic 1.x private state on purpose.
+    are laid out directly, sealed with the same packet protection (:func:`seal_short_packet`),
+    and registered with its loss recovery and congestion control exactly as its builder would
+    (sent-packet record, bytes in flight, pacer, idle timer, path byte count). Whatever else is
+    pending (ACKs, stream data, control frames) is left for aioquic's ``datagrams_to_send``
+    (see :meth:`QuicDriver.transmit`), and so is everything while the connection is not in its
+    plain connected state (handshake, migration, closing, logging). Reads aioquic 1.x private
+    state on purpose.
     """
     pending = quic._datagrams_pending
     if (
@@ -347,10 +348,7 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
         or len(quic._peer_cid.cid) != 8
     ):
         return []
-    try:
-        space, crypto = quic._tunnel_one_rtt  # type: ignore[attr-defined]
-    except AttributeError:
-        space, crypto = _remember_one_rtt(quic)
+    space, crypto = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
     if crypto.send.aead is None:
         return []
     loss = quic._loss
@@ -461,9 +459,10 @@ def _datagram_frames(payload: bytes, max_frame_size: int | None) -> list[bytes] 
 def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: float) -> Received:
     """The receiving half of the fast path: one 1-RTT packet for our current connection ID on
     our current, validated path, in the plain connected state. Does what aioquic's
-    ``receive_datagram`` does for exactly that case (decrypt, duplicate check, spin bit, frames
-    through aioquic's own ``_payload_received``, idle timer, ACK bookkeeping) without its
-    generic header parsing, connection-ID search and path handling. Returns NOT_OURS, having
+    ``receive_datagram`` does for exactly that case (decrypt, duplicate check, spin bit, frames,
+    idle timer, ACK bookkeeping) without its generic header parsing, connection-ID search and
+    path handling. A payload of DATAGRAM frames only is read here; any other goes through
+    aioquic's own ``_payload_received``. Returns NOT_OURS, having
     touched nothing, for every other datagram: the caller hands those to aioquic."""
     if (
         len(data) < 26
@@ -478,10 +477,7 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
     path = quic._network_paths[0]
     if path.addr != addr or not path.is_validated:
         return Received.NOT_OURS
-    try:
-        space, crypto = quic._tunnel_one_rtt  # type: ignore[attr-defined]
-    except AttributeError:
-        space, crypto = _remember_one_rtt(quic)
+    space, crypto = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
     try:
         plain_header, payload, number = open_short_packet(
             crypto, data, space.expected_packet_number
@@ -507,8 +503,8 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
     if datagrams is not None:
         # The usual packet: what aioquic's dispatcher would do for it, without the dispatcher.
         events = quic._events
-        for data in datagrams:
-            events.append(DatagramFrameReceived(data=data))
+        for datagram in datagrams:
+            events.append(DatagramFrameReceived(data=datagram))
         ack_eliciting = True
     else:
         context = QuicReceiveContext(
@@ -567,10 +563,7 @@ def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
         or not quic._handshake_confirmed
     ):
         return True
-    try:
-        space, _ = quic._tunnel_one_rtt  # type: ignore[attr-defined]
-    except AttributeError:
-        space, _ = _remember_one_rtt(quic)
+    space, _ = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
     ack_at = space.ack_at
     if ack_at is not None and ack_at <= now:
         return True
@@ -640,10 +633,7 @@ class QuicDriver:
             datagrams = []
         if fast:
             addr = quic._network_paths[0].addr
-            if len(fast) == 1:
-                datagrams.insert(0, (fast[0], addr))
-            else:
-                datagrams = [(packet, addr) for packet in fast] + datagrams
+            datagrams = [(packet, addr) for packet in fast] + datagrams
         if datagrams:
             self._send(datagrams)
         scope = self._timer_scope

@@ -109,14 +109,7 @@ class UdpEndpoint:
     def send_batch(self, datagrams: list[tuple[bytes, Any]]) -> None:
         """Send what one QUIC flush produced, in order: runs of equal-size datagrams to one
         address (a shorter one may end a run) go out in one GSO ``sendmsg``."""
-        if len(datagrams) == 1:  # the usual case off peak: no GSO, no extra call
-            data, addr = datagrams[0]
-            try:
-                self.sock.sendto(data, addr)
-            except OSError:
-                self.send_drops += 1  # as in send()
-            return
-        if not self.gso:
+        if not self.gso or len(datagrams) == 1:
             for data, addr in datagrams:
                 self.send(data, addr)
             return

@@ -135,20 +135,6 @@ def _endpoint(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 # -- statistics ------------------------------------------------------------------------------
 
 
-@attrs.define
-class _Counters:
-    received: int = 0
-    forwarded: int = 0
-    bytes_forwarded: int = 0
-    lost: int = 0
-    blackholed: int = 0
-    overflowed: int = 0
-    send_errors: int = 0
-    duplicated: int = 0
-    reordered: int = 0
-    delayed: int = 0
-
-
 @attrs.frozen
 class DirectionStats:
     """Counters of one direction (``up``: client to server, ``down``: server to client).
@@ -174,6 +160,12 @@ class DirectionStats:
     def dropped(self) -> int:
         """Every datagram the relay dropped on purpose or had to drop."""
         return self.lost + self.blackholed + self.overflowed + self.send_errors
+
+
+# The relay's live, mutable counters: the same fields, snapshotted into DirectionStats.
+_Counters = attrs.make_class(
+    "_Counters", {field.name: attrs.field(default=0) for field in attrs.fields(DirectionStats)}
+)
 
 
 @attrs.frozen
