@@ -135,6 +135,17 @@ async def start_client(nursery: trio.Nursery, line: Line, config: Any) -> Daemon
     return await start_daemon(nursery, line.client, argv, name="client")
 
 
+async def start_tunnel(
+    nursery: trio.Nursery, line: Line, files: TunnelFiles, creds: Creds
+) -> tuple[Daemon, Daemon]:
+    """Relay, server and client up, and a ping through the tunnel answered: (server, client)."""
+    await start_relay(nursery, line, files)
+    server = await start_server(nursery, line, server_config(files, creds))
+    client = await start_client(nursery, line, client_config(files, creds))
+    await ping(line.client, SERVER_TUN4)
+    return server, client
+
+
 async def status(files: TunnelFiles, name: str) -> dict[str, Any]:
     """The daemon's status, straight from its control socket (what ``tunnel status --json``
     prints, without starting a process: the polling loops below want it fast)."""
@@ -207,11 +218,7 @@ async def test_server_sigkill_and_restart_client_comes_back_by_itself(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
-            await start_relay(nursery, line, files)
-            config = server_config(files, creds)
-            server = await start_server(nursery, line, config)
-            client = await start_client(nursery, line, client_config(files, creds))
-            await ping(line.client, SERVER_TUN4)
+            server, client = await start_tunnel(nursery, line, files, creds)
             before = await status(files, "client")
             assert before["state"] == "connected"
             assert f"{CLIENT_TUN4}/24" in before["addresses"], before
@@ -220,7 +227,7 @@ async def test_server_sigkill_and_restart_client_comes_back_by_itself(
             assert await server.wait() == -9
             killed = time.monotonic()
 
-            server = await start_server(nursery, line, config)
+            server = await start_server(nursery, line, server_config(files, creds))
             ready = time.monotonic()
             answered = await first_ping(line.client, SERVER_TUN4, within=30)
             report(record_property, "server_ready_to_first_ping_s", answered - ready,
@@ -251,10 +258,7 @@ async def test_partition_longer_than_heartbeat_timeout(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
-            await start_relay(nursery, line, files)
-            await start_server(nursery, line, server_config(files, creds))
-            client = await start_client(nursery, line, client_config(files, creds))
-            await ping(line.client, SERVER_TUN4)
+            _, client = await start_tunnel(nursery, line, files, creds)
             before = the_session(await status(files, "server"), creds.client)
 
             await relay(files, blackhole=True)
@@ -313,10 +317,7 @@ async def test_transfer_through_loss_and_reordering_is_byte_identical(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
-            await start_relay(nursery, line, files)
-            await start_server(nursery, line, server_config(files, creds))
-            client = await start_client(nursery, line, client_config(files, creds))
-            await ping(line.client, SERVER_TUN4)
+            _, client = await start_tunnel(nursery, line, files, creds)
 
             await relay(files, loss=0.05, reorder=0.05, delay=0.001)
             got, want = await transfer(nursery, line, TRANSFER_BYTES, "lossy", allowed=70)
@@ -348,10 +349,7 @@ async def test_address_change_mid_transfer_needs_no_reconnect(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
-            await start_relay(nursery, line, files)
-            await start_server(nursery, line, server_config(files, creds))
-            client = await start_client(nursery, line, client_config(files, creds))
-            await ping(line.client, SERVER_TUN4)
+            _, client = await start_tunnel(nursery, line, files, creds)
             first_remote = the_session(await status(files, "server"), creds.client)["remote"]
             assert first_remote.startswith(RELAY_SOURCE + ":"), first_remote
 
