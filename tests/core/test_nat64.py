@@ -377,7 +377,7 @@ def test_generated_errors_are_rate_limited():
         (ipv6(bytes(16), REMOTE6, UDP, udp(1, 2)), "nat64_bad_address"),
         (ipv6(IPv6Address("ff02::1").packed, REMOTE6, UDP, udp(1, 2)), "nat64_bad_address"),
         (ipv6(REMOTE6, REMOTE6, UDP, udp(1, 2)), "nat64_bad_address"),
-        (ipv6(CLIENT, REMOTE6, 44, bytes((17, 0, 0, 1, 0, 0, 0, 1)) + udp(1, 2)), "nat64_fragment"),
+        (ipv6(CLIENT, REMOTE6, 44, bytes((17, 0, 0, 1, 0, 0, 0, 1)) + b"\0" * 5), "nat64_fragment"),
         (ipv6(CLIENT, REMOTE6, 0, OPTIONS + udp(1, 2)), "nat64_extension_header"),
         (ipv6(CLIENT, REMOTE6, 60, OPTIONS + udp(1, 2)), "nat64_extension_header"),
         (ipv6(CLIENT, REMOTE6, 43, ROUTING + udp(1, 2)), "nat64_extension_header"),
@@ -672,19 +672,132 @@ def test_inbound_after_expiry_has_no_mapping():
     assert nat.stats()["mappings"] == 0
 
 
-@pytest.mark.parametrize(
-    ("flags", "reason"),
-    [(0x2000, "nat64_fragment"), (0x0001, "nat64_fragment"), (0x4000, None), (0x0000, None)],
-)
-def test_inbound_fragments_are_dropped(flags, reason):
+# --- fragments ------------------------------------------------------------------------------
+
+HELD = Translation()
+
+
+def fragments6(packet, size, ident=0x1234567):
+    """An IPv6 packet without extension headers cut into fragments of ``size`` bytes of
+    payload (a multiple of 8) each but the last."""
+    nh, body = packet[6], packet[40:]
+    pieces = []
+    for at in range(0, len(body), size):
+        piece = body[at : at + size]
+        header = struct.pack("!BBHI", nh, 0, at | (at + size < len(body)), ident)
+        length = struct.pack("!H", 8 + len(piece))
+        pieces.append(packet[:4] + length + bytes((44,)) + packet[7:40] + header + piece)
+    return pieces
+
+
+def fragments4(packet, size, ident=0x4242):
+    """An IPv4 packet (20-byte header) cut into fragments of ``size`` payload bytes."""
+    p, body = parse4(packet), packet[20:]
+    return [
+        ipv4(p.src, p.dst, p.proto, body[at : at + size], ttl=p.ttl, ident=ident,
+             flags=(0x2000 if at + size < len(body) else 0) | at // 8, fix=False)
+        for at in range(0, len(body), size)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
+@pytest.mark.parametrize("proto", [UDP, ICMP6])
+def test_outbound_fragments_are_translated_as_one_datagram(order, proto):
+    payload = bytes(range(256)) * 12  # 3072 bytes: three fragments of 1232
+    body = udp(5000, 53, payload) if proto == UDP else echo(128, 5000, data=payload)
+    whole = ipv6(CLIENT, REMOTE6, proto, body)
+    pieces = fragments6(whole, 1232)
+    if order == "reversed":
+        pieces.reverse()
+    elif order == "shuffled":
+        random.Random(3).shuffle(pieces)
+    nat = make()
+    results = [nat.outbound(piece, 1.0) for piece in pieces]
+    assert results[:-1] == [HELD] * (len(pieces) - 1)
+    p = parse4(translated(results[-1]))
+    # The same datagram as the unfragmented packet gives, except DF: its sender fragmented
+    # it, so IPv4 routers may too.
+    expected = parse4(translated(make().outbound(whole, 1.0)))
+    assert expected.df and not p.df
+    assert (p.src, p.dst, p.proto, p.ttl, p.body) == (
+        expected.src, expected.dst, expected.proto, expected.ttl, expected.body)  # fmt: skip
+    assert valid4(p)
+    stats = nat.stats()
+    assert stats["translated_out"] == 1 and stats["fragments_waiting"] == 0
+    assert stats["fragments_reassembled_out"] == 1
+
+
+def test_outbound_atomic_fragment_is_translated_at_once():
+    whole = ipv6(CLIENT, REMOTE6, UDP, udp(5000, 53, b"query"))
+    (atomic,) = fragments6(whole, 1232)
+    assert atomic[6] == 44
+    p = parse4(translated(make().outbound(atomic, 1.0)))
+    assert p.body == parse4(translated(make().outbound(whole, 1.0))).body
+
+
+def test_inbound_fragments_are_translated_as_one_datagram():
     nat = make()
     _, result = send_udp(nat)
-    p = parse4(result.packet)
-    reply4 = ipv4(REMOTE4, SOURCE, UDP, udp(53, ports(p.body)[0], b"frag"), flags=flags)
-    if reason is None:
-        translated(nat.inbound(reply4, 0.0))
-    else:
-        dropped(nat.inbound(reply4, 0.0), reason)
+    reply = reply_for(result.packet, bytes(range(256)) * 16)  # 4104 bytes of UDP
+    pieces = fragments4(reply, 1480)
+    assert len(pieces) == 3
+    results = [nat.inbound(piece, 1.0) for piece in reversed(pieces)]
+    assert results[:-1] == [HELD, HELD]
+    p = parse6(translated(results[-1]))
+    expected = parse6(translated(make_and_deliver(reply)))
+    assert (p.src, p.dst, p.nh, p.body) == (expected.src, expected.dst, UDP, expected.body)
+    assert valid6(p) and len(p.body) == 8 + 4096  # forwarded whole: DF was clear
+
+
+def make_and_deliver(reply4):
+    """What a fresh translator makes of ``reply4`` unfragmented, with DF clear."""
+    nat = make()
+    send_udp(nat)
+    p = parse4(reply4)
+    return nat.inbound(ipv4(p.src, p.dst, p.proto, p.body, ttl=p.ttl, flags=0, fix=False), 1.0)
+
+
+def test_inbound_fragments_without_a_mapping_are_dropped_when_whole():
+    nat = make()
+    reply = ipv4(REMOTE4, SOURCE, UDP, udp(53, 40000, b"x" * 100))
+    first, last = fragments4(reply, 56)
+    assert nat.inbound(first, 1.0) == HELD
+    dropped(nat.inbound(last, 1.0), "nat64_no_mapping")
+
+
+def test_overlapping_fragments_are_dropped():
+    nat = make()
+    _, result = send_udp(nat)
+    reply = reply_for(result.packet, b"x" * 200)
+    first, second = fragments4(reply, 104)
+    assert nat.inbound(first, 1.0) == HELD
+    overlapping = ipv4(REMOTE4, SOURCE, UDP, b"y" * 16, ident=0x4242, flags=0x2000 | 12,
+                       fix=False)  # fmt: skip
+    dropped(nat.inbound(overlapping, 1.0), "nat64_fragment")
+    assert nat.stats()["fragments_waiting"] == 0
+    # The rest of that datagram now starts another, which never completes.
+    assert nat.inbound(second, 1.0) == HELD
+
+
+def test_incomplete_datagrams_expire_with_the_mappings():
+    nat = make()
+    whole = ipv6(CLIENT, REMOTE6, UDP, udp(5000, 53, b"x" * 2000))
+    first = fragments6(whole, 1232)[0]
+    assert nat.outbound(first, 10.0) == HELD
+    assert nat.stats()["fragments_waiting"] == 1
+    assert nat.next_expiry() == 15.0
+    nat.expire(15.0)
+    stats = nat.stats()
+    assert stats["fragments_waiting"] == 0 and stats["fragments_expired"] == 1
+
+
+def test_fragment_header_inside_a_fragmented_datagram_is_dropped():
+    inner = ipv6(CLIENT, REMOTE6, 44, struct.pack("!BBHI", UDP, 0, 0, 1) + udp(1, 2), fix=False)
+    outer = fragments6(inner, 8)
+    nat = make()
+    results = [nat.outbound(packet, 1.0) for packet in outer]
+    assert results[:-1] == [HELD] * (len(outer) - 1)
+    dropped(results[-1], "nat64_fragment")
 
 
 @pytest.mark.parametrize(
@@ -1099,7 +1212,7 @@ def check_result(result):
     assert isinstance(result, Translation)
     assert result.drop not in _NEVER
     assert result.drop in DROP_REASONS or result.drop is None
-    assert (result.packet is None) != (result.drop is None)
+    assert (result.packet is None) != (result.drop is None) or result == Translation()
     if result.packet is not None:
         if result.packet[0] >> 4 == 4:
             parse4(result.packet)
@@ -1285,3 +1398,26 @@ def test_icmp_error_rate_zero_generates_no_errors():
     assert nat.stats()["icmp_errors_suppressed"] == 1
     with pytest.raises(ConfigError, match="icmp_error_rate"):
         make(icmp_error_rate=-1.0)
+
+
+@settings(max_examples=500)
+@given(
+    pieces=st.lists(
+        st.tuples(st.integers(0, 300), st.booleans(), st.binary(max_size=64), st.integers(1, 2)),
+        max_size=12,
+    ),
+    inner=st.sampled_from([UDP, TCP, ICMP6, 44, 0]),
+    proto4=st.sampled_from([UDP, TCP, ICMP4]),
+)
+def test_fragment_streams_never_raise(pieces, inner, proto4):
+    nat, sent = primed()
+    mapped = ports(parse4(sent[0]).body)[0].to_bytes(2, "big")
+    for offset8, more, data, ident in pieces:
+        field = offset8 * 8 | more
+        header6 = struct.pack("!BBHI", inner, 0, field, ident)
+        check_result(nat.outbound(ipv6(CLIENT, REMOTE6, 44, header6 + data, fix=False), 1.0))
+        if offset8 == 0:
+            data = mapped * 2 + data  # a first fragment that reaches a live mapping
+        flags = (0x2000 if more else 0) | offset8
+        packet4 = ipv4(REMOTE4, SOURCE, proto4, data, flags=flags, ident=ident, fix=False)
+        check_result(nat.inbound(packet4, 1.0))

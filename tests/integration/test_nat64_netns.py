@@ -125,6 +125,15 @@ async def test_ipv6_only_client_reaches_ipv4_only_host(sites: Sites, files: Tunn
             # ping: ICMPv6 echo <-> ICMPv4 echo
             await run(sites.client, ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2",
                                      V4_HOST_VIA_NAT64], timeout=20)  # fmt: skip
+            # 3000-byte pings: the client's kernel sends IPv6 fragments, the translator
+            # reassembles them; the answer comes back as IPv4 fragments, reassembled too.
+            await run(sites.client, ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2",
+                                     "-s", "3000", V4_HOST_VIA_NAT64], timeout=20)  # fmt: skip
+            table = (await server_status(files))["nat64"]
+            assert table["fragments_reassembled_out"] >= 3, table
+            assert table["fragments_reassembled_in"] >= 3, table
+            assert table["fragments_waiting"] == 0, table
+            assert table.get("nat64_fragment", 0) == 0, table
 
             # UDP echo
             nursery.start_soon(_udp_echo_server, sites.v4host)

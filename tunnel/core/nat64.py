@@ -31,6 +31,13 @@ Header translation follows SIIT (RFC 7915); state follows stateful NAT64 (RFC 61
   An inbound packet whose IPv6 translation exceeds ``mtu`` is answered with fragmentation
   needed (next-hop MTU ``mtu`` - 20) when DF is set; without DF it is forwarded whole and the
   tunnel carries it as an oversized packet.
+- **Fragments** (IPv6 with a fragment header right after the fixed header, IPv4 with MF or an
+  offset) are reassembled (:mod:`tunnel.core.fragments`: strict about overlaps, bounded, 5 s)
+  and the whole datagram is translated: the ports to map are only in the first fragment, and
+  the checksums to adjust cover them all (RFC 6146 3.5 allows holding fragments). A datagram
+  its IPv6 sender fragmented leaves with DF clear, so the kernel fragments it again for the
+  IPv4 path; a reassembled IPv4 datagram had DF clear and is forwarded whole, like any other.
+  An atomic fragment (offset 0, no more) is translated as it is.
 - **Checksums**: TCP, UDP and ICMP echo checksums are adjusted incrementally (RFC 1624) for the
   new pseudo-header, port or identifier and type, so a corrupted segment stays detectably
   corrupted; an IPv4 UDP checksum of 0 is computed in full for IPv6, where it is mandatory.
@@ -42,8 +49,9 @@ Header translation follows SIIT (RFC 7915); state follows stateful NAT64 (RFC 61
   expiring and finding the next expiry are O(1). Free ports live in a compact array and are
   drawn at random (RFC 6056), so ports are hard to guess from outside; expired ports go back.
 
-Limitations (dropped with a reason and counted): IPv6 extension headers (``nat64_extension_header``)
-and fragments in either direction (``nat64_fragment``), IPv4 packets to ``source_ip`` that are not
+Limitations (dropped with a reason and counted): IPv6 extension headers other than one fragment
+header (``nat64_extension_header``), fragments that overlap, overflow, or find no room
+(``nat64_fragment``), IPv4 packets to ``source_ip`` that are not
 a reply (``nat64_no_mapping``), hairpinning (a client reaching another client through
 ``prefix + source_ip``: ``nat64_hairpin``), ICMP types without a translation
 (``nat64_unsupported``). Translation to private IPv4 destinations is allowed (the operator
@@ -64,6 +72,7 @@ from collections import OrderedDict
 
 import attrs
 
+from tunnel.core.fragments import Added, Reassembly, Whole
 from tunnel.core.ippacket import internet_checksum
 from tunnel.errors import ConfigError
 
@@ -130,6 +139,7 @@ _ErrorType = tuple[int, int, bytes]
 
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HEADER = struct.Struct("!IHBB16s16s")
+_ZERO2 = bytes(2)
 _ZERO4 = bytes(4)
 _ZERO16 = bytes(16)
 
@@ -168,6 +178,7 @@ class Translation:
 
 
 _DROPS = {reason: Translation(drop=reason) for reason in DROP_REASONS}
+_HELD = Translation()  # a fragment kept until its datagram is whole
 
 
 def _sum(data: bytes) -> int:
@@ -183,6 +194,19 @@ def _adjust(checksum: int, delta: int) -> int:
     a UDP checksum from turning into "no checksum".
     """
     return 0xFFFF - (0xFFFF - checksum + delta) % 0xFFFF
+
+
+def _unfinished(added: Added) -> Translation:
+    """What a fragment that did not complete its datagram comes to."""
+    if added is Added.QUEUED or added is Added.DUPLICATE:
+        return _HELD
+    return _DROPS[DROP_FRAGMENT]  # invalid, or no room
+
+
+def _df(total: int, reassembled: bool) -> bool:
+    """RFC 7915 5.1: DF on a translated IPv4 packet larger than an IPv6 host would ever make
+    smaller, unless the IPv6 sender fragmented it, which says the network may too."""
+    return total > _DF_THRESHOLD and not reassembled
 
 
 def _u16(value: int) -> bytes:
@@ -297,6 +321,10 @@ class Nat64:
         # 2 bytes a port: the free list of a full 64k range costs 128 KiB per protocol.
         self._free = {proto: array("H", range(low, high + 1)) for proto in (_TCP, _UDP, _ICMP4)}
 
+        # Fragments wait here for the rest of their datagram: clients' IPv6, the world's IPv4.
+        self._fragments6 = Reassembly()
+        self._fragments4 = Reassembly()
+
         self._ident = self._rng.randrange(0x10000)
         self._error_rate = float(icmp_error_rate)
         self._error_burst = max(1.0, self._error_rate) if self._error_rate > 0 else 0.0
@@ -342,19 +370,29 @@ class Nat64:
         return result
 
     def expire(self, now: float) -> int:
-        """Drop every mapping idle past its timeout at ``now``; returns how many."""
+        """Drop every mapping idle past its timeout at ``now``; returns how many. Forgets the
+        datagrams whose fragments stopped coming, too."""
+        self._fragments6.expire(now)
+        self._fragments4.expire(now)
         return sum(self._expire_queue(queue, now) for queue in self._queues)
 
     def next_expiry(self) -> float | None:
-        """When the next mapping expires if nothing refreshes it; None without mappings."""
+        """When the next mapping expires if nothing refreshes it, or an incomplete datagram is
+        forgotten; None without either."""
         deadlines = [next(iter(q.entries.values())).expires for q in self._queues if q.entries]
+        for fragments in (self._fragments6, self._fragments4):
+            deadline = fragments.next_expiry()
+            if deadline is not None:
+                deadlines.append(deadline)
         return min(deadlines) if deadlines else None
 
     def stats(self) -> dict[str, int]:
         """Counters: ``mappings`` (live or not yet expired), ``tcp``, ``udp``, ``icmp``,
         ``translated_out``, ``translated_in``, ``icmp_errors_sent`` (errors we generated),
-        ``icmp_errors_suppressed`` (by the rate limit), ``expired``, and one counter per drop
-        reason in :data:`DROP_REASONS`."""
+        ``icmp_errors_suppressed`` (by the rate limit), ``expired``, ``fragments_waiting``
+        (datagrams with fragments held), ``fragments_reassembled_out`` and ``_in`` (datagrams
+        made whole from fragments), ``fragments_expired`` (given up incomplete),
+        and one counter per drop reason in :data:`DROP_REASONS`."""
         tcp = len(self._by_port[_TCP])
         udp = len(self._by_port[_UDP])
         icmp = len(self._by_port[_ICMP4])
@@ -363,6 +401,10 @@ class Nat64:
             "tcp": tcp,
             "udp": udp,
             "icmp": icmp,
+            "fragments_waiting": len(self._fragments6) + len(self._fragments4),
+            "fragments_reassembled_out": self._fragments6.completed,
+            "fragments_reassembled_in": self._fragments4.completed,
+            "fragments_expired": self._fragments6.expired + self._fragments4.expired,
             **self._counters,
             **self._drops,
         }
@@ -521,7 +563,7 @@ class Nat64:
 
     # --- IPv6 -> IPv4 -------------------------------------------------------------------
 
-    def _outbound(self, packet: bytes, now: float) -> Translation:
+    def _outbound(self, packet: bytes, now: float, reassembled: bool = False) -> Translation:
         n = len(packet)
         if n < 40 or packet[0] >> 4 != 6:
             return _DROPS[DROP_MALFORMED]
@@ -540,24 +582,53 @@ class Nat64:
             return _DROPS[DROP_HAIRPIN]
         nh = packet[6]
         if nh == _TCP or nh == _UDP:
-            return self._outbound_transport(packet, nh, plen, src, dst4, now)
+            return self._outbound_transport(packet, nh, plen, src, dst4, now, reassembled)
         if nh == _ICMP6:
             if plen < 8:
                 return _DROPS[DROP_MALFORMED]
             kind = packet[40]
             if kind == 128:
-                return self._outbound_echo(packet, plen, src, dst4, now)
+                return self._outbound_echo(packet, plen, src, dst4, now, reassembled)
             if 1 <= kind <= 4:
                 return self._outbound_error(packet, plen, src, dst4, now)
             return _DROPS[DROP_UNSUPPORTED]
         if nh == _IPV6_FRAGMENT:
-            return _DROPS[DROP_FRAGMENT]
+            if reassembled or plen < 8:  # a fragment header inside a fragmented datagram
+                return _DROPS[DROP_FRAGMENT]
+            return self._outbound_fragment(packet, plen, src, now)
         if nh in _IPV6_EXTENSIONS:
             return _DROPS[DROP_EXTENSION_HEADER]
         return _DROPS[DROP_UNSUPPORTED]
 
+    def _outbound_fragment(self, packet: bytes, plen: int, src: bytes, now: float) -> Translation:
+        """Keep a fragment until its datagram is whole, then translate the datagram."""
+        field = (packet[42] << 8) | packet[43]
+        offset, more = field & 0xFFF8, bool(field & 1)
+        # The first fragment's fixed header, naming what the fragment header said follows.
+        header = packet[:6] + packet[40:41] + packet[7:40]
+        data = packet[48 : 40 + plen]
+        if offset == 0 and not more:  # an atomic fragment (RFC 6946): whole as it is
+            whole: Whole | Added = Whole(header, data)
+        else:
+            key = (src, packet[24:40], packet[44:48])
+            whole = self._fragments6.add(key, offset, more, data, header, now)
+        if not isinstance(whole, Whole):
+            return _unfinished(whole)
+        size = len(whole.payload)
+        if size > 0xFFFF - 20:  # no room in an IPv4 packet
+            return _DROPS[DROP_TOO_BIG]
+        rebuilt = whole.header[:4] + _u16(size) + whole.header[6:] + whole.payload
+        return self._outbound(rebuilt, now, reassembled=True)
+
     def _outbound_transport(
-        self, packet: bytes, proto: int, plen: int, src: bytes, dst4: bytes, now: float
+        self,
+        packet: bytes,
+        proto: int,
+        plen: int,
+        src: bytes,
+        dst4: bytes,
+        now: float,
+        reassembled: bool,
     ) -> Translation:
         if proto == _TCP:
             if plen < 20 or not 20 <= (packet[52] >> 4) * 4 <= plen:
@@ -589,14 +660,14 @@ class Nat64:
         tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
         total = 20 + plen
         header = self._ipv4_header(
-            tos, total, hop - 1, proto, self._src4, dst4, total > _DF_THRESHOLD
+            tos, total, hop - 1, proto, self._src4, dst4, _df(total, reassembled)
         )
         return Translation(
             packet=header + _u16(mapping.port) + packet[42:at] + _u16(checksum) + packet[at + 2 :]
         )
 
     def _outbound_echo(
-        self, packet: bytes, plen: int, src: bytes, dst4: bytes, now: float
+        self, packet: bytes, plen: int, src: bytes, dst4: bytes, now: float, reassembled: bool
     ) -> Translation:
         hop = packet[7]
         if hop <= 1:
@@ -621,7 +692,7 @@ class Nat64:
         total = 20 + plen
         header = self._ipv4_header(
             ((packet[0] & 0x0F) << 4) | (packet[1] >> 4),
-            total, hop - 1, _ICMP4, self._src4, dst4, total > _DF_THRESHOLD,
+            total, hop - 1, _ICMP4, self._src4, dst4, _df(total, reassembled),
         )  # fmt: skip
         return Translation(
             packet=header
@@ -743,11 +814,12 @@ class Nat64:
             return _DROPS[DROP_BAD_CHECKSUM]
         if packet[16:20] != self._src4:
             return _DROPS[DROP_WRONG_DESTINATION]
-        if (packet[6] & 0x3F) | packet[7]:  # MF or a fragment offset
-            return _DROPS[DROP_FRAGMENT]
         src4 = packet[12:16]
         if _bad_ipv4(src4) or src4 == self._src4:
             return _DROPS[DROP_BAD_ADDRESS]
+        field = (packet[6] << 8) | packet[7]
+        if field & 0x3FFF:  # MF or a fragment offset
+            return self._inbound_fragment(packet, ihl, total, field, now)
         proto = packet[9]
         plen = total - ihl
         if proto == _TCP or proto == _UDP:
@@ -761,6 +833,25 @@ class Nat64:
             if kind == 3 or kind == 11 or kind == 12:
                 return self._inbound_error(packet, ihl, now)
         return _DROPS[DROP_UNSUPPORTED]
+
+    def _inbound_fragment(
+        self, packet: bytes, ihl: int, total: int, field: int, now: float
+    ) -> Translation:
+        """Keep a fragment until its datagram is whole, then translate the datagram (which,
+        fragmented, had DF clear: it is forwarded whole, however large)."""
+        key = (packet[12:16], packet[9], packet[4:6])
+        offset, more = (field & 0x1FFF) * 8, bool(field & 0x2000)
+        whole = self._fragments4.add(key, offset, more, packet[ihl:total], packet[:ihl], now)
+        if not isinstance(whole, Whole):
+            return _unfinished(whole)
+        header = whole.header
+        total = len(header) + len(whole.payload)
+        if total > 0xFFFF:
+            return _DROPS[DROP_TOO_BIG]
+        header = header[:2] + _u16(total) + header[4:6] + b"\x00\x00" + header[8:10] + _ZERO2
+        header += whole.header[12:]
+        header = header[:10] + _u16(internet_checksum(header)) + header[12:]
+        return self._inbound(header + whole.payload, now)
 
     def _inbound_checks(self, packet: bytes, plen: int, now: float) -> Translation | None:
         """TTL and size checks of a packet with a live mapping: a Translation if it stops."""
