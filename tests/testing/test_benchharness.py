@@ -1,10 +1,18 @@
-"""The benchmark's pure parts: parsing tool output and combining interleaved ping rounds."""
+"""The benchmark's pure parts: parsing tool output, interleaving the contenders, combining runs."""
 
 from __future__ import annotations
 
 import pytest
 
-from tunnel.testing.benchharness import BenchError, combine_pings, parse_ping, ping_order
+from tunnel.testing.benchharness import (
+    FIGURES,
+    BenchError,
+    combine_pings,
+    parse_ping,
+    ping_order,
+    throughput_metrics,
+    throughput_schedule,
+)
 
 PING_OUTPUT = """PING 10.78.0.1 (10.78.0.1) 56(84) bytes of data.
 
@@ -41,3 +49,27 @@ def test_every_contender_takes_its_turn_to_go_first():
     firsts = [ping_order(names, i)[0] for i in range(6)]
     assert firsts == names * 2
     assert all(sorted(ping_order(names, i)) == sorted(names) for i in range(6))
+
+
+def test_throughput_runs_go_figure_by_figure_with_turns():
+    names = ["tunnel", "wireguard-go", "openvpn"]
+    schedule = throughput_schedule(names)
+    assert len(schedule) == 4 * len(names)
+    figures = [key for key, *_ in schedule]
+    # each figure is measured for every contender back to back
+    assert figures == [key for key, _, _ in FIGURES for _ in names]
+    firsts = [schedule[i * len(names)][3] for i in range(4)]
+    assert firsts == [*names, names[0]]
+    assert {(key, reverse, flows) for key, reverse, flows, _ in schedule} == set(FIGURES)
+
+
+def test_cpu_per_gb_is_over_all_runs():
+    runs = {
+        "tcp_up_1": {"mbit_s": 500.0, "bytes": 1e9, "cpu_server_s": 10.0, "cpu_client_s": 8.0},
+        "tcp_up_4": {"mbit_s": 600.0, "bytes": 3e9, "cpu_server_s": 20.0, "cpu_client_s": 40.0},
+    }
+    metrics = throughput_metrics(runs, has_pids=True)
+    assert metrics["tcp_up_1"] == 500.0 and metrics["tcp_up_4"] == 600.0
+    assert metrics["cpu_server_s_per_gb"] == pytest.approx(7.5)
+    assert metrics["cpu_client_s_per_gb"] == pytest.approx(12.0)
+    assert "cpu_server_s_per_gb" not in throughput_metrics(runs, has_pids=False)

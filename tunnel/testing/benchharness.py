@@ -718,49 +718,82 @@ def measure_rtt(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], p
     return outcome
 
 
-def measure_throughput(bench: Bench, contender: Contender, ep: Endpoints, *, seconds: float,
-                       log: Callable[[str], None]) -> dict[str, Any]:
-    """iperf3 both ways, 1 and 4 flows, with CPU per GB; returns ``{"metrics", "runs"}``."""
-    metrics: dict[str, float | None] = {}
-    runs: dict[str, Any] = {}
+# The throughput figures: (key, reverse, flows). "up" is client->server (B sends to A).
+FIGURES = (("tcp_up_1", False, 1), ("tcp_up_4", False, 4),
+           ("tcp_down_1", True, 1), ("tcp_down_4", True, 4))  # fmt: skip
+
+
+def throughput_schedule(names: Sequence[str]) -> list[tuple[str, bool, int, str]]:
+    """The iperf3 runs in order, (figure, reverse, flows, contender): figure by figure, every
+    contender in turn, a different one first for each figure, so a slow minute of the machine
+    falls on one figure of all of them rather than on all figures of one."""
+    return [(key, reverse, flows, name)
+            for index, (key, reverse, flows) in enumerate(FIGURES)
+            for name in ping_order(names, index)]  # fmt: skip
+
+
+def _log_run(log: Callable[[str], None], name: str, key: str, result: dict[str, float],
+             seconds: float) -> None:
+    secs = result["seconds"] or seconds
+    per_gb = (f", CPU {result['cpu_server_s_per_gb']:.1f}/"
+              f"{result['cpu_client_s_per_gb']:.1f} s/GB server/client; busy "
+              f"{result['cpu_server_s'] / secs:.0%}/"
+              f"{result['cpu_client_s'] / secs:.0%}, waiting for a CPU "
+              f"{result['runqueue_wait_server_s'] / secs:.0%}/"
+              f"{result['runqueue_wait_client_s'] / secs:.0%} of the time"
+              if "cpu_server_s_per_gb" in result else "")
+    log(f"  {name} {key}: {result['mbit_s']:.0f} Mbit/s "
+        f"({result['retransmits']:.0f} retransmits{per_gb})")
+
+
+def throughput_metrics(runs: dict[str, dict[str, float]], has_pids: bool) -> dict[str, float]:
+    """Goodput per figure, and CPU seconds per GB on each side over all the runs."""
+    metrics = {key: run["mbit_s"] for key, run in runs.items()}
+    gb = sum(run["bytes"] for run in runs.values()) / 1e9
+    if has_pids and gb > 0:
+        metrics["cpu_server_s_per_gb"] = sum(r["cpu_server_s"] for r in runs.values()) / gb
+        metrics["cpu_client_s_per_gb"] = sum(r["cpu_client_s"] for r in runs.values()) / gb
+    return metrics
+
+
+def measure_throughput(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], *,
+                       seconds: float, log: Callable[[str], None]
+                       ) -> dict[str, dict[str, Any] | BenchError]:
+    """iperf3 both ways, 1 and 4 flows, with CPU per GB, for every running contender in the
+    order of :func:`throughput_schedule` (one at a time: the others sit idle meanwhile).
+    Returns ``{"metrics", "runs"}`` per contender, or the error that stopped it."""
+    outcome: dict[str, dict[str, Any] | BenchError] = {}
     if shutil.which("iperf3") is None:
-        runs["iperf3"] = "skipped: iperf3 not installed"
         log("  iperf3: skipped: iperf3 not installed")
-        return {"metrics": metrics, "runs": runs}
-    server = bench.spawn(bench.a, ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                         f"iperf3-server-{contender.name}")
+        return {name: {"metrics": {}, "runs": {"iperf3": "skipped: iperf3 not installed"}}
+                for name in running}
+    # One server in A answers every contender: it listens on all of A's addresses.
+    server = bench.spawn(bench.a, ["iperf3", "-s", "-p", str(IPERF_PORT)], "iperf3-server")
+    runs: dict[str, dict[str, dict[str, float]]] = {name: {} for name in running}
     try:
         def listening() -> bool:
             out = bench.run(bench.a, ["ss", "-Hltn", f"sport = :{IPERF_PORT}"], check=False)
             return str(IPERF_PORT) in out.stdout
         _wait_for(listening, 10, "the iperf3 server", [server])
-        cpu = {"server": 0.0, "client": 0.0, "bytes": 0.0}
-        for direction, reverse in (("up", False), ("down", True)):
-            for flows in (1, 4):
-                key = f"tcp_{direction}_{flows}"
+        for key, reverse, flows, name in throughput_schedule(list(running)):
+            if name in outcome:
+                continue  # failed earlier
+            ep = running[name][1]
+            try:
                 result = _iperf3(bench, ep, reverse=reverse, flows=flows, seconds=seconds)
-                runs[key] = result
-                metrics[key] = result["mbit_s"]
-                cpu["server"] += result["cpu_server_s"]
-                cpu["client"] += result["cpu_client_s"]
-                cpu["bytes"] += result["bytes"]
-                secs = result["seconds"] or seconds
-                per_gb = (f", CPU {result['cpu_server_s_per_gb']:.1f}/"
-                          f"{result['cpu_client_s_per_gb']:.1f} s/GB server/client; busy "
-                          f"{result['cpu_server_s'] / secs:.0%}/"
-                          f"{result['cpu_client_s'] / secs:.0%}, waiting for a CPU "
-                          f"{result['runqueue_wait_server_s'] / secs:.0%}/"
-                          f"{result['runqueue_wait_client_s'] / secs:.0%} of the time"
-                          if "cpu_server_s_per_gb" in result else "")
-                log(f"  {key}: {result['mbit_s']:.0f} Mbit/s "
-                    f"({result['retransmits']:.0f} retransmits{per_gb})")
-        gb = cpu["bytes"] / 1e9
-        if ep.pids_a and gb > 0:
-            metrics["cpu_server_s_per_gb"] = cpu["server"] / gb
-            metrics["cpu_client_s_per_gb"] = cpu["client"] / gb
+            except (BenchError, subprocess.TimeoutExpired) as exc:
+                log(f"  {name} {key}: FAILED: {exc}")
+                outcome[name] = exc if isinstance(exc, BenchError) else BenchError(str(exc))
+                continue
+            runs[name][key] = result
+            _log_run(log, name, key, result, seconds)
     finally:
         bench.stop(server)
-    return {"metrics": metrics, "runs": runs}
+    for name, (_, ep) in running.items():
+        if name not in outcome:
+            outcome[name] = {"metrics": throughput_metrics(runs[name], bool(ep.pids_a)),
+                             "runs": runs[name]}
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -973,26 +1006,37 @@ def _run_contenders(bench: Bench, contenders: Sequence[Contender], args: Any,
         log(f"== ping RTT without load: {args.pings} pings 0.05 s apart to each, in rounds "
             f"of {PING_ROUND}, contenders taking turns")
         rtts = measure_rtt(bench, running, args.pings, log)
-        for name, (contender, ep) in running.items():
-            rtt = rtts[name]
+        for name, rtt in rtts.items():
             if isinstance(rtt, BenchError):
                 failed = True
                 results[name] = {"status": "failed", "reason": f"ping: {rtt}"}
-                continue
-            log(f"== {name}: TCP goodput and CPU (the others idle)")
-            try:
-                outcome = measure_throughput(bench, contender, ep, seconds=args.seconds,
-                                             log=log)
-                outcome["metrics"] = {"rtt_ms": rtt["avg_ms"], **outcome["metrics"]}
-                outcome["runs"]["ping"] = rtt
-                outcome["extra"] = contender.extra(bench)
-                outcome["status"] = "ok"
-                outcome["description"] = contender.description
-                results[name] = outcome
-            except errors as exc:
+        measured = {name: running[name] for name in running if name not in results}
+        if not measured:
+            return failed
+        log("== TCP goodput and CPU: figure by figure, the contenders taking turns (the "
+            "others idle meanwhile)")
+        try:
+            throughputs = measure_throughput(bench, measured, seconds=args.seconds, log=log)
+        except errors as exc:
+            log(f"  FAILED: {exc}")
+            throughputs = {name: BenchError(str(exc)) for name in measured}
+        for name, outcome in throughputs.items():
+            if isinstance(outcome, BenchError):
                 failed = True
-                log(f"  FAILED: {exc}")
-                results[name] = {"status": "failed", "reason": str(exc)[-4000:]}
+                results[name] = {"status": "failed", "reason": str(outcome)[-4000:]}
+                continue
+            contender = measured[name][0]
+            rtt = rtts[name]
+            assert not isinstance(rtt, BenchError)
+            outcome["metrics"] = {"rtt_ms": rtt["avg_ms"], **outcome["metrics"]}
+            outcome["runs"]["ping"] = rtt
+            try:
+                outcome["extra"] = contender.extra(bench)
+            except errors as exc:
+                outcome["extra"] = {"error": str(exc)[-1000:]}
+            outcome["status"] = "ok"
+            outcome["description"] = contender.description
+            results[name] = outcome
     finally:
         for contender, _ in reversed(list(running.values())):
             contender.stop(bench)
