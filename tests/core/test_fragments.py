@@ -142,13 +142,33 @@ def test_incomplete_datagrams_expire():
     )
 )
 def test_arbitrary_fragments_never_raise_and_stay_bounded(fragments):
-    reassembly = Reassembly(max_datagrams=3, max_bytes=256, max_fragments=8, timeout=5.0)
+    reassembly = Reassembly(
+        max_datagrams=3, max_per_source=2, max_bytes=256, max_fragments=8, timeout=5.0
+    )
     now = 0.0
     for key, offset, more, data, step in fragments:
         now += step
-        result = reassembly.add(key, offset, more, data, HEADER, now)
+        result = reassembly.add(key, offset, more, data, HEADER, now, source=key % 2)
         assert isinstance(result, (Whole, Added))
         assert len(reassembly) <= 3
         assert 0 <= reassembly.buffered_bytes <= 256
-    reassembly.expire(now + 6.0)
+    now += 6.0
+    reassembly.expire(now)
     assert len(reassembly) == 0 and reassembly.buffered_bytes == 0
+    # every sender has its whole allowance back
+    for key in (10, 12):
+        assert reassembly.add(key, 0, True, b"x" * 8, HEADER, now, source=0) is Added.QUEUED
+
+
+def test_one_sender_cannot_take_all_the_room():
+    reassembly = Reassembly(max_datagrams=4, max_per_source=2)
+    for ident in range(3):
+        result = reassembly.add(("greedy", ident), 0, True, b"a" * 8, HEADER, 0.0, "greedy")
+        assert result is (Added.QUEUED if ident < 2 else Added.REFUSED)
+    # another sender still gets in, and the greedy one's next datagram once one is whole
+    assert reassembly.add("other", 0, True, b"b" * 8, HEADER, 0.0, "other") is Added.QUEUED
+    whole = reassembly.add(("greedy", 0), 8, False, b"c", b"", 0.0, "greedy")
+    assert whole == Whole(HEADER, b"a" * 8 + b"c")
+    assert reassembly.add(("greedy", 9), 0, True, b"d" * 8, HEADER, 0.0, "greedy") is (
+        Added.QUEUED
+    )

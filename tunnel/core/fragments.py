@@ -10,11 +10,12 @@ another of its datagram, that does not fit in 65535 bytes, that is not a multipl
 long without being the last, or that contradicts the datagram's end, discards the whole
 datagram. An exact duplicate (a fragment delivered twice) is ignored.
 
-Bounded: at most ``max_datagrams`` incomplete datagrams, ``max_fragments`` fragments in one
-(which also bounds the overlap check) and ``max_bytes`` of buffered payload; fragments beyond
-these are refused (the datagrams already collecting keep their room, so a
-flood of new fragments cannot evict them). An incomplete datagram is forgotten ``timeout``
-seconds after its first fragment arrived.
+Bounded: at most ``max_datagrams`` incomplete datagrams, ``max_per_source`` of them from one
+sender, ``max_fragments`` fragments in one (which also bounds the overlap check) and
+``max_bytes`` of buffered payload; fragments beyond these are refused (the datagrams already
+collecting keep their room, so a flood of new fragments cannot evict them, and one sender
+cannot take all the room). An incomplete datagram is forgotten ``timeout`` seconds after its
+first fragment arrived.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Whole:
 @attrs.define
 class _Datagram:
     started: float
+    source: Hashable
     pieces: dict[int, bytes] = attrs.field(factory=dict)  # offset -> data
     size: int = 0  # payload bytes held
     end: int | None = None  # payload length, once the last fragment is known
@@ -65,15 +67,18 @@ class Reassembly:
         *,
         timeout: float = 5.0,
         max_datagrams: int = 256,
+        max_per_source: int = 64,
         max_fragments: int = 128,
         max_bytes: int = 4 << 20,
     ) -> None:
         self.timeout = timeout
         self.max_datagrams = max_datagrams
+        self.max_per_source = max_per_source
         self.max_fragments = max_fragments
         self.max_bytes = max_bytes
         self._datagrams: OrderedDict[Hashable, _Datagram] = OrderedDict()  # oldest first
         self._bytes = 0
+        self._per_source: dict[Hashable, int] = {}
         self.expired = 0  # datagrams forgotten incomplete
         self.completed = 0  # datagrams made whole
 
@@ -85,20 +90,31 @@ class Reassembly:
         return self._bytes
 
     def add(
-        self, key: Hashable, offset: int, more: bool, data: bytes, header: bytes, now: float
+        self,
+        key: Hashable,
+        offset: int,
+        more: bool,
+        data: bytes,
+        header: bytes,
+        now: float,
+        source: Hashable = None,
     ) -> Whole | Added:
         """Take one fragment: ``offset`` in bytes into the datagram's payload, ``more`` false
         for the last fragment, ``header`` the packet's own header (kept from the fragment at
-        offset 0). Returns the datagram once it is whole."""
+        offset 0), ``source`` who sent it (for the per-sender limit). Returns the datagram
+        once it is whole."""
         self.expire(now)
         end = offset + len(data)
         if offset < 0 or end > MAX_PAYLOAD or (more and (not data or len(data) % 8)):
             return self._discard(key)
         datagram = self._datagrams.get(key)
         if datagram is None:
-            if len(self._datagrams) >= self.max_datagrams:
+            if (
+                len(self._datagrams) >= self.max_datagrams
+                or self._per_source.get(source, 0) >= self.max_per_source
+            ):
                 return Added.REFUSED
-            datagram = _Datagram(started=now)
+            datagram = _Datagram(started=now, source=source)
         if datagram.pieces.get(offset) == data:
             return Added.DUPLICATE
         if self._bytes + len(data) > self.max_bytes or len(datagram.pieces) >= self.max_fragments:
@@ -116,12 +132,13 @@ class Reassembly:
         self._bytes += len(data)
         if offset == 0:
             datagram.header = header
-        self._datagrams.setdefault(key, datagram)
+        if key not in self._datagrams:
+            self._datagrams[key] = datagram
+            self._per_source[datagram.source] = self._per_source.get(datagram.source, 0) + 1
         if datagram.size != datagram.end or datagram.header is None:
             return Added.QUEUED
         # No overlaps and as many bytes as the end: every byte is covered exactly once.
-        del self._datagrams[key]
-        self._bytes -= datagram.size
+        self._forget(key)
         payload = b"".join(datagram.pieces[at] for at in sorted(datagram.pieces))
         self.completed += 1
         return Whole(datagram.header, payload)
@@ -134,8 +151,7 @@ class Reassembly:
             key, datagram = next(iter(datagrams.items()))
             if now - datagram.started < self.timeout:
                 break
-            del datagrams[key]
-            self._bytes -= datagram.size
+            self._forget(key)
             count += 1
         self.expired += count
         return count
@@ -147,10 +163,18 @@ class Reassembly:
         return None
 
     def _discard(self, key: Hashable) -> Added:
-        datagram = self._datagrams.pop(key, None)
-        if datagram is not None:
-            self._bytes -= datagram.size
+        if key in self._datagrams:
+            self._forget(key)
         return Added.DISCARDED
+
+    def _forget(self, key: Hashable) -> None:
+        datagram = self._datagrams.pop(key)
+        self._bytes -= datagram.size
+        left = self._per_source[datagram.source] - 1
+        if left:
+            self._per_source[datagram.source] = left
+        else:
+            del self._per_source[datagram.source]
 
 
 def _overlaps(datagram: _Datagram, start: int, end: int) -> bool:

@@ -611,7 +611,7 @@ class Nat64:
             whole: Whole | Added = Whole(header, data)
         else:
             key = (src, packet[24:40], packet[44:48])
-            whole = self._fragments6.add(key, offset, more, data, header, now)
+            whole = self._fragments6.add(key, offset, more, data, header, now, source=src)
         if not isinstance(whole, Whole):
             return _unfinished(whole)
         size = len(whole.payload)
@@ -841,7 +841,9 @@ class Nat64:
         fragmented, had DF clear: it is forwarded whole, however large)."""
         key = (packet[12:16], packet[9], packet[4:6])
         offset, more = (field & 0x1FFF) * 8, bool(field & 0x2000)
-        whole = self._fragments4.add(key, offset, more, packet[ihl:total], packet[:ihl], now)
+        whole = self._fragments4.add(
+            key, offset, more, packet[ihl:total], packet[:ihl], now, source=packet[12:16]
+        )
         if not isinstance(whole, Whole):
             return _unfinished(whole)
         header = whole.header
