@@ -36,7 +36,7 @@ class Added(enum.Enum):
 
     QUEUED = "queued"  # kept, waiting for the rest
     DUPLICATE = "duplicate"  # the same fragment again: ignored
-    REFUSED = "refused"  # no room (too many datagrams or bytes): dropped
+    REFUSED = "refused"  # no room (a limit reached): dropped
     DISCARDED = "discarded"  # invalid: the fragment and its whole datagram dropped
 
 

@@ -846,12 +846,12 @@ class Nat64:
         )
         if not isinstance(whole, Whole):
             return _unfinished(whole)
-        header = whole.header
-        total = len(header) + len(whole.payload)
+        first = whole.header  # with every option the first fragment carried
+        total = len(first) + len(whole.payload)
         if total > 0xFFFF:
             return _DROPS[DROP_TOO_BIG]
-        header = header[:2] + _u16(total) + header[4:6] + b"\x00\x00" + header[8:10] + _ZERO2
-        header += whole.header[12:]
+        # Length, no flags or offset, and a zero checksum while computing it.
+        header = first[:2] + _u16(total) + first[4:6] + _ZERO2 + first[8:10] + _ZERO2 + first[12:]
         header = header[:10] + _u16(internet_checksum(header)) + header[12:]
         return self._inbound(header + whole.payload, now)
 
