@@ -9,9 +9,9 @@ from tunnel.testing.benchharness import (
     BenchError,
     combine_pings,
     parse_ping,
-    ping_order,
     throughput_metrics,
     throughput_schedule,
+    turn_order,
 )
 
 PING_OUTPUT = """PING 10.78.0.1 (10.78.0.1) 56(84) bytes of data.
@@ -46,9 +46,9 @@ def test_rounds_combine_into_the_average_over_every_answer():
 
 def test_every_contender_takes_its_turn_to_go_first():
     names = ["tunnel", "wireguard-go", "openvpn"]
-    firsts = [ping_order(names, i)[0] for i in range(6)]
+    firsts = [turn_order(names, i)[0] for i in range(6)]
     assert firsts == names * 2
-    assert all(sorted(ping_order(names, i)) == sorted(names) for i in range(6))
+    assert all(sorted(turn_order(names, i)) == sorted(names) for i in range(6))
 
 
 def test_throughput_runs_go_figure_by_figure_with_turns():

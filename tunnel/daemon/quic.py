@@ -317,6 +317,8 @@ def _remember_one_rtt(quic: QuicConnection) -> tuple[Any, CryptoPair]:
     pair = (quic._spaces[_ONE_RTT], quic._cryptos[_ONE_RTT])
     quic._tunnel_one_rtt = pair  # type: ignore[attr-defined]
     return pair
+
+
 _DATAGRAM_WITH_LENGTH = 0x31
 # Room for frames in a 1-RTT packet: short header (1 + 8-byte CID + 2-byte packet number) and
 # the AEAD tag off a full datagram.
@@ -415,7 +417,7 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
 
 
 class Received(enum.IntEnum):
-    """What :func:`receive_datagram_fast` did with a datagram (false only for NOT_OURS)."""
+    """What :func:`receive_datagram_fast` did with a datagram."""
 
     NOT_OURS = 0  # untouched: hand it to aioquic
     DONE = 1  # received (or dropped, as aioquic would have)
@@ -462,8 +464,8 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
     ``receive_datagram`` does for exactly that case (decrypt, duplicate check, spin bit, frames,
     idle timer, ACK bookkeeping) without its generic header parsing, connection-ID search and
     path handling. A payload of DATAGRAM frames only is read here; any other goes through
-    aioquic's own ``_payload_received``. Returns NOT_OURS, having
-    touched nothing, for every other datagram: the caller hands those to aioquic."""
+    aioquic's own ``_payload_received``. Returns NOT_OURS, having touched nothing, for every
+    other datagram: the caller hands those to aioquic."""
     if (
         len(data) < 26
         or data[0] & 0xC0 != 0x40

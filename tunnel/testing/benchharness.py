@@ -672,8 +672,9 @@ def combine_pings(rounds: Sequence[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def ping_order(names: Sequence[str], round_index: int) -> list[str]:
-    """Who pings first in each round: everyone in turn."""
+def turn_order(names: Sequence[str], round_index: int) -> list[str]:
+    """The contenders in the order they take a round (of pings, of one throughput figure):
+    each goes first in turn."""
     shift = round_index % len(names)
     return [*names[shift:], *names[:shift]]
 
@@ -695,7 +696,7 @@ def measure_rtt(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], p
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in live}
     for index in range(-(-pings // PING_ROUND)):
         count = min(PING_ROUND, pings - index * PING_ROUND)
-        for name in ping_order(live, index) if live else []:
+        for name in turn_order(live, index) if live else []:
             if isinstance(outcome.get(name), BenchError):
                 continue
             try:
@@ -729,7 +730,7 @@ def throughput_schedule(names: Sequence[str]) -> list[tuple[str, bool, int, str]
     falls on one figure of all of them rather than on all figures of one."""
     return [(key, reverse, flows, name)
             for index, (key, reverse, flows) in enumerate(FIGURES)
-            for name in ping_order(names, index)]  # fmt: skip
+            for name in turn_order(names, index)]  # fmt: skip
 
 
 def _log_run(log: Callable[[str], None], name: str, key: str, result: dict[str, float],
@@ -977,8 +978,9 @@ def _versions() -> dict[str, str]:
 def _run_contenders(bench: Bench, contenders: Sequence[Contender], args: Any,
                     results: dict[str, dict[str, Any]], log: Callable[[str], None]) -> bool:
     """Bring every contender up side by side (distinct addresses and ports), measure their
-    idle RTT interleaved, then their throughput one at a time while the others sit idle; take
-    them all down however it ends. Fills ``results``; returns whether one failed."""
+    idle RTT and then their throughput, both interleaved (one contender measured at a time
+    while the others sit idle); take them all down however it ends. Fills ``results``;
+    returns whether one failed."""
     failed = False
     running: dict[str, tuple[Contender, Endpoints]] = {}
     errors = (BenchError, netns.CommandFailed, subprocess.TimeoutExpired, OSError)
