@@ -48,10 +48,14 @@ Header translation follows SIIT (RFC 7915); state follows stateful NAT64 (RFC 61
   timeout class keeps its mappings in an ``OrderedDict`` in last-use order, so refreshing,
   expiring and finding the next expiry are O(1). Free ports live in a compact array and are
   drawn at random (RFC 6056), so ports are hard to guess from outside; expired ports go back.
+- **Per client**, at most ``max_mappings_per_client`` mappings (all protocols together) per
+  client IPv6 address, so one client cannot exhaust the port range for everybody; a new flow
+  beyond that is dropped (``nat64_client_mappings``) while the client's existing flows go on.
 
 Limitations (dropped with a reason and counted): IPv6 extension headers other than one fragment
 header (``nat64_extension_header``), fragments that overlap, overflow, or find no room
-(``nat64_fragment``), IPv4 packets to ``source_ip`` that are not
+(``nat64_fragment``), new flows beyond the port range (``nat64_ports_exhausted``) or the
+client's share of it (``nat64_client_mappings``), IPv4 packets to ``source_ip`` that are not
 a reply (``nat64_no_mapping``), hairpinning (a client reaching another client through
 ``prefix + source_ip``: ``nat64_hairpin``), ICMP types without a translation
 (``nat64_unsupported``). Translation to private IPv4 destinations is allowed (the operator
@@ -68,7 +72,7 @@ import ipaddress
 import random
 import struct
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import attrs
 
@@ -94,6 +98,7 @@ DROP_HOP_LIMIT = "nat64_hop_limit"
 DROP_TOO_BIG = "nat64_too_big"
 DROP_NO_MAPPING = "nat64_no_mapping"
 DROP_PORTS_EXHAUSTED = "nat64_ports_exhausted"
+DROP_CLIENT_MAPPINGS = "nat64_client_mappings"
 DROP_INTERNAL = "nat64_internal_error"
 
 DROP_REASONS = (
@@ -109,6 +114,7 @@ DROP_REASONS = (
     DROP_TOO_BIG,
     DROP_NO_MAPPING,
     DROP_PORTS_EXHAUSTED,
+    DROP_CLIENT_MAPPINGS,
     DROP_INTERNAL,
 )
 """Every ``Translation.drop`` value; :meth:`Nat64.stats` counts each."""
@@ -247,12 +253,16 @@ class Nat64:
     protocol has the whole range). ``mtu`` is the MTU toward the clients (the tunnel's).
     ``tcp_closing_timeout`` replaces ``tcp_timeout`` once a TCP mapping saw a RST or a FIN
     each way. ``icmp_error_rate`` bounds the ICMP errors we generate per second, in bursts of
-    as many (0: none; translated errors are not limited). ``rng`` draws ports and IPv4
-    identifications; tests pass a seeded one.
+    as many (0: none; translated errors are not limited). ``max_mappings_per_client`` caps the
+    mappings of one client IPv6 address, all protocols together: the default of 1024 is well
+    above what one host keeps open (a busy desktop holds a few hundred flows) and yet 1/32 of
+    the default 32768-port range, so one runaway or hostile client cannot starve the others.
+    ``rng`` draws ports and IPv4 identifications; tests pass a seeded one.
 
     Raises :class:`tunnel.errors.ConfigError` for a prefix that is not an IPv6 /96, a
     source_ip that is not a unicast IPv4 address, an empty or invalid port range, a timeout
-    that is not positive, an mtu outside 1280-65535 or a negative icmp_error_rate.
+    that is not positive, an mtu outside 1280-65535, a max_mappings_per_client below 1 or a
+    negative icmp_error_rate.
     """
 
     def __init__(
@@ -266,6 +276,7 @@ class Nat64:
         icmp_timeout: float = 30.0,
         tcp_closing_timeout: float = 60.0,
         mtu: int = 1420,
+        max_mappings_per_client: int = 1024,
         icmp_error_rate: float = 100.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -290,6 +301,11 @@ class Nat64:
                 raise ConfigError(f"nat64.{key}: {value} must be positive")
         if not _IPV6_MIN_MTU <= mtu <= 0xFFFF:
             raise ConfigError(f"nat64: mtu {mtu} must be 1280-65535 for IPv6 clients")
+        if type(max_mappings_per_client) is not int or max_mappings_per_client < 1:
+            raise ConfigError(
+                f"nat64.max_mappings_per_client: {max_mappings_per_client!r} must be an integer"
+                " of at least 1"
+            )
         if not icmp_error_rate >= 0:
             raise ConfigError(f"nat64: icmp_error_rate {icmp_error_rate} must not be negative")
 
@@ -318,6 +334,9 @@ class Nat64:
         self._by_port: dict[int, dict[int, _Mapping]] = {
             proto: {} for proto in (_TCP, _UDP, _ICMP4)
         }
+        self._max_per_client = max_mappings_per_client
+        # Mappings per client address, all protocols; a client with none has no key.
+        self._per_client: Counter[bytes] = Counter()
         # 2 bytes a port: the free list of a full 64k range costs 128 KiB per protocol.
         self._free = {proto: array("H", range(low, high + 1)) for proto in (_TCP, _UDP, _ICMP4)}
 
@@ -434,6 +453,11 @@ class Nat64:
         del mapping.queue.entries[mapping.port]
         del self._by_port[mapping.proto][mapping.port]
         del self._by_client[mapping.proto][(mapping.client, mapping.client_port)]
+        left = self._per_client[mapping.client] - 1
+        if left:
+            self._per_client[mapping.client] = left
+        else:
+            del self._per_client[mapping.client]  # so departed clients cost no memory
         self._free[mapping.proto].append(mapping.port)
         self._counters["expired"] += 1
 
@@ -447,18 +471,25 @@ class Nat64:
 
     def _mapping_for_client(
         self, proto: int, client: bytes, client_port: int, now: float
-    ) -> _Mapping | None:
-        """The live mapping of (proto, client, client_port), created if needed; None when the
-        port range is exhausted."""
+    ) -> _Mapping | str:
+        """The live mapping of (proto, client, client_port), created if needed; else the drop
+        reason: the client is at its cap, or the port range is exhausted."""
         mapping = self._live(self._by_client[proto].get((client, client_port)), now)
         if mapping is not None:
             return mapping
+        if self._per_client[client] >= self._max_per_client:
+            # Some of them may be idle past their timeout with nobody having called expire();
+            # collecting them is amortised O(1), each mapping goes once.
+            for queue in self._queues:
+                self._expire_queue(queue, now)
+            if self._per_client[client] >= self._max_per_client:
+                return DROP_CLIENT_MAPPINGS
         free = self._free[proto]
         if not free:
             for queue in self._proto_queues[proto]:
                 self._expire_queue(queue, now)
             if not free:
-                return None
+                return DROP_PORTS_EXHAUSTED
         # Swap-remove a random element: O(1) and unpredictable.
         index = self._rng.randrange(len(free))
         port = free[index]
@@ -473,6 +504,7 @@ class Nat64:
         self._by_client[proto][(client, client_port)] = mapping
         self._by_port[proto][port] = mapping
         queue.entries[port] = mapping
+        self._per_client[client] += 1
         return mapping
 
     def _touch(self, mapping: _Mapping, now: float, queue: _Queue | None = None) -> None:
@@ -648,8 +680,8 @@ class Nat64:
         if hop <= 1:
             return self._time_exceeded6(packet, now)
         mapping = self._mapping_for_client(proto, src, (packet[40] << 8) | packet[41], now)
-        if mapping is None:
-            return _DROPS[DROP_PORTS_EXHAUSTED]
+        if isinstance(mapping, str):
+            return _DROPS[mapping]
         if proto == _TCP:
             self._touch_tcp(mapping, packet[53], True, now)
         else:
@@ -674,8 +706,8 @@ class Nat64:
             return self._time_exceeded6(packet, now)
         ident = (packet[44] << 8) | packet[45]
         mapping = self._mapping_for_client(_ICMP4, src, ident, now)
-        if mapping is None:
-            return _DROPS[DROP_PORTS_EXHAUSTED]
+        if isinstance(mapping, str):
+            return _DROPS[mapping]
         self._touch(mapping, now)
         # Out of the sum: the ICMPv6 pseudo-header and type 128; in: type 8, the new identifier.
         delta = (
@@ -796,6 +828,9 @@ class Nat64:
                 if checksum or proto == _TCP:
                     checksum = _adjust(checksum, mapping.delta_out)
                     transport = transport[:at] + _u16(checksum) + transport[at + 2 :]
+            elif len(transport) == at + 1:
+                # Half a checksum: its new high byte depends on the missing low byte.
+                transport = transport[:at]
         return header + transport
 
     # --- IPv4 -> IPv6 -------------------------------------------------------------------
@@ -1054,4 +1089,7 @@ class Nat64:
                 if checksum or proto == _TCP:
                     checksum = _adjust(checksum, -mapping.delta_out)
                     transport = transport[:at] + _u16(checksum) + transport[at + 2 :]
+            elif len(transport) == at + 1:
+                # Half a checksum: its new high byte depends on the missing low byte.
+                transport = transport[:at]
         return header + transport
