@@ -502,9 +502,23 @@ async def runsv(ns: Netns, service: Service) -> AsyncIterator[None]:
 
 
 async def sv_wait_ready(service: Service) -> int:
-    """``sv -w N check``: runsv says run and ./check succeeds; returns the daemon's pid."""
-    proc = await sh(["sv", "-w", str(READY_S), "check", str(service.dir)], timeout=READY_S + 5)
-    assert proc.stdout.startswith("ok: run:"), proc.stdout
+    """Until ``sv check`` answers ``ok: run:`` (runsv says run and ./check succeeds); returns
+    the daemon's pid.
+
+    One answer is not enough: before runsv has started the service (just after runsv itself
+    started, or between a crash and the restart) ``sv check`` answers at once with ``ok:
+    down: ..., normally up, want up``.
+    """
+
+    async def checked() -> bool:
+        proc = await sh(["sv", "-w", str(READY_S), "check", str(service.dir)], check=False,
+                        timeout=READY_S + 5)  # fmt: skip
+        if proc.stdout.startswith("ok: run:"):
+            return True
+        log.debug("sv check, not yet: %s", proc.stdout.strip() or proc.stderr.strip())
+        return False
+
+    await eventually(checked, f"sv check says ok: run: for {service.dir}")
     assert await check_script(service) == 0
     pid = await sv_pid(service)
     assert pid is not None
