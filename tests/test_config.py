@@ -133,6 +133,7 @@ SERVER_ERRORS = [
     ({"network6": "fd00::/64", "mtu": 1279}, "mtu", "below 1280, the IPv6 minimum"),
     ({"max_clients": 0}, "max_clients", "must be at least 1, not 0"),
     ({"max_clients": False}, "max_clients", "must be an integer, not a boolean"),
+    ({"max_sessions_per_client": 0}, "max_sessions_per_client", "must be at least 1, not 0"),
     ({"client_to_client": "yes"}, "client_to_client", "must be a boolean, not a string"),
     ({"client_to_client": 1}, "client_to_client", "must be a boolean, not an integer"),
     ({"tun_name": ""}, "tun_name", "is not an interface name"),
@@ -172,6 +173,7 @@ SERVER_ERRORS = [
     ({"nat64": {"tcp_timeout": 0}}, "nat64.tcp_timeout", "must be greater than 0"),
     ({"nat64": {"udp_timeout": -1}}, "nat64.udp_timeout", "must be greater than 0"),
     ({"nat64": {"icmp_timeout": "30"}}, "nat64.icmp_timeout", "must be a number"),
+    ({"nat64": {"max_mappings_per_client": 0}}, "nat64.max_mappings_per_client", "at least 1"),
 ]  # fmt: skip
 
 
@@ -226,7 +228,8 @@ def test_server_defaults() -> None:
     assert config.auth_tokens_file is None
     assert config.allowed_clients is None
     assert config.mtu == 1420
-    assert config.max_clients is None
+    assert config.max_clients == 1024
+    assert config.max_sessions_per_client == 4
     assert config.client_to_client is False
     assert config.tun_name == "tunnel%d"
     assert config.control_socket == DEFAULT_SERVER_SOCKET == Path("/run/tunnel/server.sock")
@@ -474,8 +477,8 @@ _toml_values = st.recursive(
 )
 _SERVER_KEY_NAMES = sorted(
     {*SERVER_BASE, "listen", "server_ip", "network6", "server_ip6", "auth_tokens_file",
-     "allowed_clients", "mtu", "max_clients", "client_to_client", "tun_name", "control_socket",
-     "handshake_timeout", "lease_grace", "nat64"}
+     "allowed_clients", "mtu", "max_clients", "max_sessions_per_client", "client_to_client",
+     "tun_name", "control_socket", "handshake_timeout", "lease_grace", "nat64"}
 )  # fmt: skip
 _CLIENT_KEY_NAMES = sorted(
     {*CLIENT_BASE, "auth_token", "auth_token_file", "key_file", "routes", "routes6", "mtu",
@@ -679,7 +682,8 @@ def test_doc_examples_are_valid_configs(doc: Path) -> None:
 def test_doc_tables_list_every_key() -> None:
     text = DOCS.read_text()
     for key in [*_SERVER_KEY_NAMES, *_CLIENT_KEY_NAMES, "enabled", "prefix", "source_ip",
-                "port_range", "tcp_timeout", "udp_timeout", "icmp_timeout"]:  # fmt: skip
+                "port_range", "tcp_timeout", "udp_timeout", "icmp_timeout",
+                "max_mappings_per_client"]:  # fmt: skip
         assert f"| `{key}` |" in text or f"| `[{key}]` |" in text, key
 
 

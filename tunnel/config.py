@@ -53,6 +53,11 @@ IPV6_MIN_MTU = 1280
 MAX_IPV4_PREFIX = 30
 MAX_IPV6_PREFIX = 126
 DEFAULT_TUN_NAME = "tunnel%d"
+# Finite by default: every session costs memory, and an address pool is not a limit on a
+# server with an IPv6 /64.
+DEFAULT_MAX_CLIENTS = 1024
+# A laptop and a phone, plus a restarted client whose old session has not yet timed out.
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 4
 DEFAULT_SERVER_SOCKET = Path("/run/tunnel/server.sock")
 DEFAULT_CLIENT_SOCKET = Path("/run/tunnel/client.sock")
 NAT64_WELL_KNOWN_PREFIX = IPv6Network("64:ff9b::/96")
@@ -77,6 +82,8 @@ class Nat64Config:
     tcp_timeout: float = 300.0
     udp_timeout: float = 30.0
     icmp_timeout: float = 30.0
+    max_mappings_per_client: int = 1024
+    """Mappings one client may hold at once, so that no client can take every port."""
 
 
 @attrs.frozen(kw_only=True)
@@ -101,7 +108,9 @@ class ServerConfig:
     allowed_clients: frozenset[bytes] | None = None
     """Public keys allowed to connect; None: any client holding a valid token."""
     mtu: int = DEFAULT_MTU
-    max_clients: int | None = None
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    """Sessions one client identity may hold at once (each device is one)."""
     client_to_client: bool = False
     tun_name: str = DEFAULT_TUN_NAME
     control_socket: Path = DEFAULT_SERVER_SOCKET
@@ -444,14 +453,14 @@ _SERVER_KEYS = frozenset(
     {
         "listen", "key_file", "network", "server_ip", "network6", "server_ip6",
         "auth_tokens", "auth_tokens_file", "allowed_clients", "mtu", "max_clients",
-        "client_to_client", "tun_name", "control_socket", "handshake_timeout", "lease_grace",
-        "nat64",
+        "max_sessions_per_client", "client_to_client", "tun_name", "control_socket",
+        "handshake_timeout", "lease_grace", "nat64",
     }
 )  # fmt: skip
 _NAT64_KEYS = frozenset(
     {
         "enabled", "prefix", "source_ip", "port_range", "tcp_timeout", "udp_timeout",
-        "icmp_timeout",
+        "icmp_timeout", "max_mappings_per_client",
     }
 )  # fmt: skip
 
@@ -512,7 +521,10 @@ def server_config_from_dict(
         auth_tokens_file=auth_tokens_file,
         allowed_clients=None if allowed is None else frozenset(allowed),
         mtu=mtu,
-        max_clients=t.integer("max_clients", None, lo=1),
+        max_clients=t.integer("max_clients", DEFAULT_MAX_CLIENTS, lo=1),
+        max_sessions_per_client=t.integer(
+            "max_sessions_per_client", DEFAULT_MAX_SESSIONS_PER_CLIENT, lo=1
+        ),
         client_to_client=t.boolean("client_to_client", False),
         tun_name=t.parsed("tun_name", _tun_name, DEFAULT_TUN_NAME),
         control_socket=t.path("control_socket", DEFAULT_SERVER_SOCKET),
@@ -547,6 +559,7 @@ def _nat64_from_table(
         tcp_timeout=t.number("tcp_timeout", 300.0, positive=True),
         udp_timeout=t.number("udp_timeout", 30.0, positive=True),
         icmp_timeout=t.number("icmp_timeout", 30.0, positive=True),
+        max_mappings_per_client=t.integer("max_mappings_per_client", 1024, lo=1),
     )
     if enabled and network6 is None:
         raise t.error("enabled", "NAT64 needs 'network6' (it serves IPv6 clients)")

@@ -44,6 +44,16 @@ class ProtocolError(TunnelError):
     """The peer broke the protocol (remote misbehaviour)."""
 
 
+class ProtocolViolation(ProtocolError):
+    """The peer sent something the protocol does not allow in this state; the connection is
+    closed with ``close_code`` (an application error code) and the message as its reason."""
+
+    def __init__(self, reason: str, close_code: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.close_code = close_code
+
+
 class DecodeError(ProtocolError):
     """Bytes from the network could not be decoded. The one error type every ``*_untrusted``
     decoder may raise."""
@@ -54,15 +64,24 @@ class HandshakeError(TunnelError):
 
 
 class PeerRejected(HandshakeError):
-    """The server refused us (bad token, unknown client, pool exhausted, server full...)."""
+    """The server, its identity verified, refused or revoked our credentials on the control
+    stream. The one failure from the network that is permanent: nothing else that arrives can
+    be told apart from a forgery by someone on the path."""
 
     exit_code = EXIT_PERMANENT
+
+
+class TemporaryRejection(HandshakeError):
+    """The server refused us for now (server full, no free address, too many sessions)."""
 
 
 class IdentityMismatch(HandshakeError):
-    """The server's identity key is not the pinned ``server_id``."""
+    """The server's identity key is not the pinned ``server_id``. Temporary: whoever answers
+    on the path can present another key, so this is retried (and logged as an error)."""
 
-    exit_code = EXIT_PERMANENT
+
+class NameNotResolved(TunnelError):
+    """A host name did not resolve (now: DNS may come back)."""
 
 
 class HandshakeTimeout(HandshakeError):

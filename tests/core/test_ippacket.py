@@ -10,6 +10,7 @@ from tunnel.core.ippacket import (
     addresses_untrusted,
     build_ipv4_udp,
     build_ipv6_udp,
+    clip_untrusted,
     internet_checksum,
     ip_version,
     is_link_local_source,
@@ -281,3 +282,35 @@ def test_plausible_headers_never_raise(first, rest):
     addresses_untrusted(data)
     port = udp_destination_port_untrusted(data)
     assert port is None or 0 <= port <= 65535
+
+
+# --- clip_untrusted ----------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=100), st.binary(max_size=40))
+def test_clip_keeps_only_the_ip_packet(payload, trailer):
+    packet4 = build_ipv4_udp(b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2, payload)
+    packet6 = build_ipv6_udp(bytes(15) + b"\x01", bytes(15) + b"\x02", 1, 2, payload)
+    for packet in (packet4, packet6):
+        assert clip_untrusted(packet) is packet
+        assert clip_untrusted(packet + trailer) == packet
+
+
+@given(st.binary(max_size=80))
+def test_clip_never_raises_and_never_grows(data):
+    clipped = clip_untrusted(data)
+    if clipped is not None:
+        assert data.startswith(clipped)
+        assert clipped[0] >> 4 in (4, 6)
+
+
+def test_clip_refuses_lengths_that_do_not_fit():
+    packet4 = bytearray(build_ipv4_udp(b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2, b"x"))
+    packet4[2:4] = (len(packet4) + 1).to_bytes(2, "big")
+    assert clip_untrusted(bytes(packet4)) is None
+    packet4[2:4] = (19).to_bytes(2, "big")  # shorter than its own header
+    assert clip_untrusted(bytes(packet4)) is None
+    packet6 = bytearray(build_ipv6_udp(bytes(16), bytes(16), 1, 2, b"x"))
+    packet6[4:6] = (len(packet6)).to_bytes(2, "big")
+    assert clip_untrusted(bytes(packet6)) is None
+    assert clip_untrusted(b"\x60" + bytes(38)) is None

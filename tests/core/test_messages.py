@@ -118,7 +118,9 @@ def v6_triples(draw):
 @st.composite
 def responses(draw):
     if not draw(st.booleans()):
-        return AuthResponse(accepted=False, reject_reason=draw(st.none() | texts))
+        return AuthResponse(
+            accepted=False, reject_reason=draw(st.none() | texts), temporary=draw(st.booleans())
+        )
     which = draw(st.sampled_from(["4", "6", "46"]))
     fields = {}
     if "4" in which:
@@ -143,7 +145,7 @@ json_values = st.recursive(
 
 
 def test_constants():
-    assert m.PROTOCOL_VERSION == 1
+    assert m.PROTOCOL_VERSION == 2
     assert m.ALPN == "tunnel/1"
     assert (m.FRAME_PACKET, m.FRAME_PING, m.FRAME_PONG) == (0x00, 0x01, 0x02)
     assert (m.FRAME_SERVER_HELLO, m.FRAME_AUTH_REQUEST, m.FRAME_AUTH_RESPONSE) == (
@@ -205,6 +207,8 @@ def test_messages_are_frozen():
         (lambda: AuthResponse(accepted=True), ValueError),
         (lambda: AuthResponse(accepted=True, mtu=1400), ValueError),
         (lambda: AuthResponse(accepted=False, mtu=1400), ValueError),
+        (lambda: AuthResponse(accepted=True, temporary=True, **V6), ValueError),
+        (lambda: AuthResponse(accepted=False, temporary=1), TypeError),
         (lambda: accept4(accepted=False, mtu=None), ValueError),
         (lambda: AuthResponse(accepted=False, **V6), ValueError),
     ],
@@ -300,6 +304,8 @@ def test_auth_response_json():
         "accepted": False,
         "reject_reason": "server full",
     }
+    for_now = AuthResponse(accepted=False, reject_reason="server full", temporary=True)
+    assert json.loads(encode_control_payload(for_now))["temporary"] is True
     assert encode_frame(rejected)[0] == m.FRAME_AUTH_RESPONSE
 
 
@@ -640,35 +646,42 @@ def test_fuzz_payload_mutated_fields(base, changes):
 # --- auth transcript ---------------------------------------------------------------------------
 
 
+BINDING = bytes(range(32))
+
+
 def test_auth_transcript_layout():
     server = bytes([1]) * 32
     client = bytes([2]) * 32
-    t = auth_transcript(NONCE, server, client, 0x0102030405060708)
-    assert t == (b"tunnel-auth-v1\x00" + NONCE + server + client + bytes([1, 2, 3, 4, 5, 6, 7, 8]))
-    assert len(t) == 15 + 32 + 32 + 32 + 8
+    t = auth_transcript(NONCE, server, client, 0x0102030405060708, BINDING)
+    assert t == (
+        b"tunnel-auth-v2\x00" + NONCE + server + client + bytes([1, 2, 3, 4, 5, 6, 7, 8]) + BINDING
+    )
+    assert len(t) == 15 + 32 + 32 + 32 + 8 + 32
 
 
 def test_auth_transcript_binds_every_field():
-    base = (NONCE, KEY, bytes(32), 1)
+    base = (NONCE, KEY, bytes(32), 1, BINDING)
     variants = {
         auth_transcript(*base),
-        auth_transcript(bytes(32), KEY, bytes(32), 1),
-        auth_transcript(NONCE, bytes(32), KEY, 1),
-        auth_transcript(NONCE, bytes(32), bytes(32), 1),
-        auth_transcript(NONCE, KEY, bytes(32), 2),
+        auth_transcript(bytes(32), KEY, bytes(32), 1, BINDING),
+        auth_transcript(NONCE, bytes(32), KEY, 1, BINDING),
+        auth_transcript(NONCE, bytes(32), bytes(32), 1, BINDING),
+        auth_transcript(NONCE, KEY, bytes(32), 2, BINDING),
+        auth_transcript(NONCE, KEY, bytes(32), 1, bytes(32)),
     }
-    assert len(variants) == 5
+    assert len(variants) == 6
 
 
 @pytest.mark.parametrize(
     "args",
     [
-        (NONCE[:31], KEY, KEY, 1),
-        (NONCE, KEY + b"x", KEY, 1),
-        (NONCE, KEY, KEY[:1], 1),
-        (NONCE, KEY, KEY, -1),
-        (NONCE, KEY, KEY, 2**64),
-        (NONCE, KEY, KEY, "1"),
+        (NONCE[:31], KEY, KEY, 1, BINDING),
+        (NONCE, KEY + b"x", KEY, 1, BINDING),
+        (NONCE, KEY, KEY[:1], 1, BINDING),
+        (NONCE, KEY, KEY, -1, BINDING),
+        (NONCE, KEY, KEY, 2**64, BINDING),
+        (NONCE, KEY, KEY, "1", BINDING),
+        (NONCE, KEY, KEY, 1, BINDING[:31]),
     ],
 )
 def test_auth_transcript_rejects_bad_arguments(args):

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import tunnel.daemon.quic as quic_module
 from tunnel.core.identity import Identity
+from tunnel.core.messages import CLOSE_INTERNAL
 from tunnel.daemon.quic import (
     QuicDriver,
     Received,
@@ -38,8 +39,12 @@ def connected_pair() -> tuple[QuicConnection, QuicConnection, list[float]]:
     client.connect(SERVER, now=now[0])
     first = client.datagrams_to_send(now=now[0])
     header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
-    server = tune(QuicConnection(configuration=server_configuration(Identity.generate()),
-                                 original_destination_connection_id=header.destination_cid))
+    server = tune(
+        QuicConnection(
+            configuration=server_configuration(Identity.generate()),
+            original_destination_connection_id=header.destination_cid,
+        )
+    )
     for data, _ in first:
         server.receive_datagram(data, CLIENT, now=now[0])
     for _ in range(10):
@@ -156,9 +161,7 @@ def datagram_frame(data: bytes, length_bytes: int | None) -> bytes:
     st.data(),
 )
 def test_datagram_payloads_are_read_as_aioquic_reads_them(datagrams, last_without_length, data):
-    sizes = [
-        data.draw(st.sampled_from([1, 2] if len(d) < 64 else [2])) for d in datagrams
-    ]
+    sizes = [data.draw(st.sampled_from([1, 2] if len(d) < 64 else [2])) for d in datagrams]
     frames = [datagram_frame(d, n) for d, n in zip(datagrams, sizes, strict=True)]
     if last_without_length:
         frames[-1] = datagram_frame(datagrams[-1], None)
@@ -213,13 +216,15 @@ class CountingConnection:
 
 def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypatch):
     client, server, now = connected_pair()
+
     class Clock:
         def current_time(self) -> float:
             return now[0]
 
     monkeypatch.setattr(quic_module.trio.lowlevel, "current_clock", Clock)
     sent: list = []
-    driver = QuicDriver(client, sent.extend, lambda event: None)
+    failures: list[Exception] = []
+    driver = QuicDriver(client, sent.extend, lambda event: None, failures.append)
     generic = CountingConnection(client)
 
     driver.transmit()  # a new driver knows nothing about the connection: full send
@@ -265,6 +270,45 @@ def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypa
         driver.receive(data, SERVER, now[0])
     driver.transmit()
     assert generic.calls == before + 1
+    assert not failures
+
+
+def test_driver_is_the_connection_fault_boundary(monkeypatch):
+    """A handler that raises closes that connection with CLOSE_INTERNAL and reports the
+    exception; nothing reaches the caller, and the failed driver ignores what comes after."""
+    client, server, now = connected_pair()
+
+    class Clock:
+        def current_time(self) -> float:
+            return now[0]
+
+    monkeypatch.setattr(quic_module.trio.lowlevel, "current_clock", Clock)
+    monkeypatch.setattr(quic_module.trio, "current_time", lambda: now[0])
+
+    def explode(event):
+        raise RuntimeError("handler bug")
+
+    sent: list = []
+    failures: list[Exception] = []
+    driver = QuicDriver(client, sent.extend, explode, failures.append)
+    server.send_datagram_frame(b"q" * 100)
+    for data, _ in server.datagrams_to_send(now=now[0]):
+        driver.receive(data, SERVER, now[0])
+    driver.deliver_events()  # does not raise
+    assert driver.failed and [type(f) for f in failures] == [RuntimeError]
+    assert sent, "the close was sent"
+    for data, _ in sent:
+        server.receive_datagram(data, CLIENT, now=now[0])
+    now[0] += 10  # past the draining period, when aioquic reports the close
+    server.handle_timer(now[0])
+    closes = [
+        e for e in iter(server.next_event, None) if type(e).__name__ == "ConnectionTerminated"
+    ]
+    assert closes and closes[0].error_code == CLOSE_INTERNAL
+    sent.clear()
+    driver.receive(b"anything", SERVER, now[0])
+    driver.transmit()
+    assert not sent and len(failures) == 1
 
 
 # -- packet protection called directly gives aioquic's bytes --------------------------------

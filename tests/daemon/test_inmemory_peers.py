@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 from tunnel.config import RunOptions, client_config_from_dict, server_config_from_dict
 from tunnel.core.identity import Identity
 from tunnel.core.ippacket import build_ipv4_udp, build_ipv6_udp
+from tunnel.core.netchange import NetworkChange
 from tunnel.core.tokens import new_token
+from tunnel.core.underlay import Route
 from tunnel.daemon.client import Client, GaveUp
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD
 from tunnel.daemon.server import Server
-from tunnel.errors import IdentityMismatch, PeerRejected, SessionLost
+from tunnel.errors import PeerRejected, SessionLost
 from tunnel.testing.fakes import FakeNetwork, FakePlatform, FakeTun
 
 SERVER_ADDR = ("192.0.2.1", 4433)
@@ -244,34 +246,192 @@ async def test_client_not_in_allowed_clients_is_rejected(autojump_clock):
             assert a.addresses()
 
 
-async def test_wrong_server_id_is_an_identity_mismatch(autojump_clock):
+async def expect_retried(net, host, match, caplog, **overrides):
+    """The client takes the failure as temporary: it retries until max_reconnect_attempts."""
+    client = Client(
+        client_config(max_reconnect_attempts=2, **overrides),
+        Identity.generate(),
+        RunOptions(),
+        FakePlatform(net, host),
+    )
+    with trio.fail_after(30), pytest.raises(GaveUp, match="gave up after 2"):
+        await client.supervise()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tunnel.client"]
+    assert sum(match in m for m in messages) == 3, messages  # the first try and two retries
+    return client
+
+
+async def test_wrong_server_id_is_retried_as_an_identity_mismatch(autojump_clock, caplog):
+    # Whoever answers on the path can present another key: loud, but never permanent.
     network = FakeNetwork()
-    async with running_server(network):
-        client = await expect_permanent(
+    async with running_server(network) as server:
+        client = await expect_retried(
             network,
             "198.51.100.9",
-            IdentityMismatch,
             "server identity mismatch",
+            caplog,
             server_id=Identity.generate().public_id,
+        )
+        assert any(
+            r.levelname == "ERROR" and "identity mismatch" in r.getMessage() for r in caplog.records
         )
         await trio.sleep(1)
         # A session ticket from a server we did not trust is never kept for resumption.
         assert client.ticket is None
+        # Nor did the token or a signature leave: the server never saw a request.
+        assert server.auth_failures == 0 and not server.refused
+        assert all(s.client_id is None for s in server.sessions)
 
 
-async def test_max_clients_rejects_with_server_full(autojump_clock):
+async def test_server_full_is_temporary_and_the_client_gets_in_once_there_is_room(
+    autojump_clock, caplog
+):
     network = FakeNetwork()
-    async with running_server(network, max_clients=1), running_client(network, "198.51.100.2"):
-        await expect_permanent(network, "198.51.100.9", PeerRejected, "Server full")
+    async with running_server(network, max_clients=1) as server, trio.open_nursery() as nursery:
+        waiting = Client(
+            client_config(),
+            Identity.generate(),
+            RunOptions(),
+            FakePlatform(network, "198.51.100.10"),
+        )
+        async with running_client(network, "198.51.100.2"):
+            await expect_retried(network, "198.51.100.9", "Server full", caplog)
+            assert server.refused["Server full"] == 3
+            nursery.start_soon(waiting.supervise)
+            await wait_for(lambda: waiting.reconnects >= 1)
+            assert waiting.state != "connected"
+        # The first client left: the one that kept retrying gets in by itself.
+        with trio.fail_after(70):
+            await wait_for(lambda: waiting.state == "connected")
+        nursery.cancel_scope.cancel()
 
 
-async def test_pool_exhaustion_is_an_explicit_rejection(autojump_clock):
+async def test_pool_exhaustion_is_temporary(autojump_clock, caplog):
     network = FakeNetwork()
     async with (
         running_server(network, network="10.78.0.0/30", network6=None),
         running_client(network, "198.51.100.2"),
     ):
-        await expect_permanent(network, "198.51.100.9", PeerRejected, "address pool exhausted")
+        await expect_retried(network, "198.51.100.9", "address pool exhausted", caplog)
+
+
+async def test_sessions_per_client_identity_are_bounded(autojump_clock, caplog):
+    network = FakeNetwork()
+    me = Identity.generate()
+    async with (
+        running_server(network, max_sessions_per_client=1) as server,
+        running_client(network, "198.51.100.2", identity=me),
+    ):
+        # The same identity from a second device (a second client process) waits its turn.
+        client = Client(
+            client_config(max_reconnect_attempts=1),
+            me,
+            RunOptions(),
+            FakePlatform(network, "198.51.100.3"),
+        )
+        with trio.fail_after(30), pytest.raises(GaveUp):
+            await client.supervise()
+        assert server.refused["too many sessions for this client"] == 2
+        # Another identity is not affected.
+        async with running_client(network, "198.51.100.4") as other:
+            assert other.addresses()
+
+
+async def test_a_rejection_forged_in_an_initial_packet_is_temporary(autojump_clock, caplog):
+    """CONNECTION_CLOSE in an Initial packet can come from anyone on the path. A fake server
+    answers every Initial with one, carrying our own rejection code and words: the client must
+    retry, not exit for good."""
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import QuicErrorCode
+
+    from tunnel.core.messages import CLOSE_REJECTED
+    from tunnel.daemon.quic import server_configuration
+
+    network = FakeNetwork()
+    endpoint = network.bind(*SERVER_ADDR)
+    config = server_configuration(SERVER_IDENTITY)
+
+    async def forger():
+        while True:
+            await endpoint.wait_readable()
+            for data, addr in endpoint.receive_batch(16):
+                quic = QuicConnection(
+                    configuration=config, original_destination_connection_id=data[6:14]
+                )
+                quic.receive_datagram(data, addr, now=trio.current_time())
+                quic.close(
+                    error_code=CLOSE_REJECTED,
+                    frame_type=QuicErrorCode.NO_ERROR,
+                    reason_phrase="Invalid authentication token",
+                )
+                for out, to in quic.datagrams_to_send(now=trio.current_time()):
+                    endpoint.send(out, to)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forger)
+        await expect_retried(network, "198.51.100.9", "Invalid authentication token", caplog)
+        nursery.cancel_scope.cancel()
+
+
+async def test_tickets_are_kept_only_for_clients_that_authenticated(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network) as server:
+        from aioquic.quic.connection import QuicConnection
+
+        from tunnel.daemon.quic import client_configuration
+
+        # A token-less peer completes the QUIC handshake (aioquic issues it a ticket) and
+        # never authenticates: nothing lands in the store.
+        endpoint = network.bind("198.51.100.66", 5000)
+        quic = QuicConnection(configuration=client_configuration())
+        quic.connect(SERVER_ADDR, now=trio.current_time())
+        for _ in range(20):
+            for data, addr in quic.datagrams_to_send(now=trio.current_time()):
+                endpoint.send(data, addr)
+            await trio.sleep(0.05)
+            for data, addr in endpoint.receive_batch(64):
+                quic.receive_datagram(data, addr, now=trio.current_time())
+        assert quic._handshake_complete
+        assert len(server.tickets) == 0
+        async with running_client(network, "198.51.100.2"):
+            assert len(server.tickets) == 1
+
+
+async def test_revoked_credentials_close_that_session_only(autojump_clock):
+    from tunnel.core.tokens import TokenSet
+
+    network = FakeNetwork()
+    other_token = new_token()
+    async with running_server(network, auth_tokens=[TOKEN, other_token]) as server:
+        async with running_client(network, "198.51.100.3", auth_token=other_token) as b:
+            client = Client(
+                client_config(),
+                Identity.generate(),
+                RunOptions(),
+                FakePlatform(network, "198.51.100.2"),
+            )
+            async with trio.open_nursery() as nursery:
+                failure: list[BaseException] = []
+
+                async def run_a():
+                    try:
+                        await client.supervise()
+                    except PeerRejected as exc:
+                        failure.append(exc)
+
+                nursery.start_soon(run_a)
+                await wait_for(lambda: client.state == "connected")
+                server.authority.reload(tokens=TokenSet([other_token]), allowed_clients=None)
+                assert server.revoke_failing() == 1
+                start = trio.current_time()
+                await wait_for(lambda: bool(failure))
+                assert trio.current_time() - start < 1.0
+                assert "credentials revoked" in str(failure[0])
+            assert b.state == "connected" and b.reconnects == 0
+            assert server.status()["revoked"] == 1
+            with trio.fail_after(5):  # the revoked connection's draining period
+                await wait_for(lambda: len(server.sessions) == 1)
+            assert [s.client_id for s in server.sessions if s.lease] == [b.identity.public_key]
 
 
 async def test_silent_peer_is_dropped_after_the_handshake_deadline(autojump_clock):
@@ -391,11 +551,20 @@ async def test_repeated_auth_failures_are_rate_limited_per_source(autojump_clock
     network = FakeNetwork()
     async with running_server(network) as server:
         for _ in range(5):
-            await expect_permanent(network, "203.0.113.7", PeerRejected,
-                                   "Invalid authentication token", auth_token=new_token())
+            await expect_permanent(
+                network,
+                "203.0.113.7",
+                PeerRejected,
+                "Invalid authentication token",
+                auth_token=new_token(),
+            )
         # Even the right token is refused from that source for a while...
-        client = Client(client_config(auto_reconnect=False), Identity.generate(), RunOptions(),
-                        FakePlatform(network, "203.0.113.7"))
+        client = Client(
+            client_config(auto_reconnect=False),
+            Identity.generate(),
+            RunOptions(),
+            FakePlatform(network, "203.0.113.7"),
+        )
         with trio.fail_after(5), pytest.raises(SessionLost, match="too many failed attempts"):
             await client.supervise()
         assert server.rate_limited == 1
@@ -493,16 +662,17 @@ async def test_a_replayed_signature_is_refused(autojump_clock, monkeypatch):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(datagrams=st.lists(st.binary(max_size=1500), max_size=20),
-       packets=st.lists(st.binary(max_size=200), max_size=20))
+@given(
+    datagrams=st.lists(st.binary(max_size=1500), max_size=20),
+    packets=st.lists(st.binary(max_size=200), max_size=20),
+)
 def test_garbage_never_disturbs_the_server(datagrams, packets):
     """Random bytes on the UDP port and random 'IP packets' from an admitted client: the server
     neither raises nor loses its session."""
 
     async def scenario():
         network = FakeNetwork()
-        async with running_server(network) as server, \
-                running_client(network, "198.51.100.2") as a:
+        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
             junk = network.bind("203.0.113.99", 7000)
             junk.send_batch([(d, SERVER_ADDR) for d in datagrams])
             for packet in packets:
@@ -512,7 +682,8 @@ def test_garbage_never_disturbs_the_server(datagrams, packets):
             with trio.fail_after(2):
                 await server.tun.wait_written(1)
             assert server.tun.written[-1].endswith(b"alive") or any(
-                p.endswith(b"alive") for p in server.tun.written)
+                p.endswith(b"alive") for p in server.tun.written
+            )
             assert a.state == "connected"
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -521,8 +692,10 @@ def test_garbage_never_disturbs_the_server(datagrams, packets):
 async def test_ipv6_only_server_translates_to_ipv4_with_nat64(autojump_clock):
     network = FakeNetwork()
     nat64 = {"enabled": True, "source_ip": "192.0.2.77", "udp_timeout": 5.0}
-    async with running_server(network, network=None, nat64=nat64) as server, \
-            running_client(network, "198.51.100.2") as a:
+    async with (
+        running_server(network, network=None, nat64=nat64) as server,
+        running_client(network, "198.51.100.2") as a,
+    ):
         assert a.addresses() == ["fd78::2/64"]  # IPv6 only
         v4_host = v4("198.51.100.7")
         a.tun.inject(build_ipv6_udp(v6("fd78::2"), v6("64:ff9b::198.51.100.7"), 5353, 53, b"q"))
@@ -588,8 +761,12 @@ async def running_client_and_restartable_server(network):
                     endpoint.close()
 
         await nursery.start(serve)
-        client = Client(client_config(heartbeat_interval=10.0, heartbeat_timeout=60.0),
-                        Identity.generate(), RunOptions(), FakePlatform(network, "198.51.100.2"))
+        client = Client(
+            client_config(heartbeat_interval=10.0, heartbeat_timeout=60.0),
+            Identity.generate(),
+            RunOptions(),
+            FakePlatform(network, "198.51.100.2"),
+        )
         nursery.start_soon(client.supervise)
         await client.connected.wait()
 
@@ -607,3 +784,98 @@ async def running_client_and_restartable_server(network):
 
         yield client, restart, servers
         nursery.cancel_scope.cancel()
+
+
+# -- the host's network changing under the client ------------------------------------------------
+
+LINK_UP = NetworkChange("link", up=True, ifindex=2, ifname="eth0")
+
+
+async def test_a_network_change_cuts_the_reconnect_backoff_short(autojump_clock):
+    network = FakeNetwork()
+    with trio.fail_after(300):
+        await _backoff_cut_short(network)
+
+
+async def _backoff_cut_short(network):
+    async with running_server(network), running_client(network, "198.51.100.2") as a:
+        network.policy = lambda data, src, dst: False  # the link is gone
+        # Long enough for the backoff to grow past 8 s (1, 2, 4, 8 ...).
+        await wait_for(lambda: a.reconnects >= 3 and a.state == "reconnecting")
+        await trio.sleep(0.5)  # into the 8 s wait
+        network.policy = lambda data, src, dst: True
+        back = trio.current_time()
+        a.platform.monitor.announce(LINK_UP)
+        await wait_for(lambda: a.state == "connected")
+        # One handshake away, not the rest of an 8 s (or longer) backoff.
+        assert trio.current_time() - back < 1.0
+
+
+async def test_a_network_change_restarts_a_stalled_handshake(autojump_clock):
+    network = FakeNetwork()
+    with trio.fail_after(300):
+        await _stalled_handshake_restarted(network)
+
+
+async def _stalled_handshake_restarted(network):
+    async with running_server(network), running_client(network, "198.51.100.2") as a:
+        network.policy = lambda data, src, dst: False
+        await wait_for(lambda: a.reconnects >= 1 and a.state == "connecting")
+        # The attempt's Initial and its retransmissions (0.2, 0.6 and 1.4 s after it, at
+        # aioquic's initial RTT of 0.1 s) went into the void; the next would come after the
+        # attempt's 2 s deadline, and then the backoff.
+        await trio.sleep(1.5)
+        network.policy = lambda data, src, dst: True
+        back = trio.current_time()
+        a.platform.monitor.announce(LINK_UP)
+        await wait_for(lambda: a.state == "connected")
+        assert trio.current_time() - back < 0.5
+
+
+async def test_the_host_route_to_the_server_follows_the_underlay(autojump_clock):
+    network = FakeNetwork()
+    with trio.fail_after(300):
+        await _host_route_follows(network)
+
+
+async def _host_route_follows(network):
+    async with (
+        running_server(network),
+        running_client(network, "198.51.100.2", routes=["0.0.0.0/0"], routes6=[]) as a,
+    ):
+        host = a.host
+        server_net = ipaddress.ip_network(f"{SERVER_ADDR[0]}/32")
+        assert host.moving["server"] == Route(server_net, "192.0.2.254", 2)
+        # The default gateway moves (another Wi-Fi, DHCP gave another router).
+        host.underlay = ("192.0.2.253", 3)
+        a.platform.monitor.announce(
+            NetworkChange("route", up=True, ifindex=3, detail="0.0.0.0/0", table=254)
+        )
+        await wait_for(lambda: host.moving["server"].gateway == "192.0.2.253")
+        assert host.moving["server"] == Route(server_net, "192.0.2.253", 3)
+        # A session lost and won back keeps the TUN device and every route all along: no
+        # moment in which traffic could leave in the clear.
+        network.policy = lambda data, src, dst: False
+        await wait_for(lambda: a.state != "connected")
+        assert ("route", "0.0.0.0/1", a.tun.name, None) in host.applied
+        assert host.moving["server"] == Route(server_net, "192.0.2.253", 3)
+        network.policy = lambda data, src, dst: True
+        await wait_for(lambda: a.state == "connected")
+        assert a.platform.tuns == [a.tun]
+
+
+async def test_version_negotiation_only_for_full_size_datagrams_and_rate_limited(autojump_clock):
+    network = FakeNetwork()
+    async with running_server(network):
+        prober = network.bind("198.51.100.77", 6000)
+        # A long header of an unknown version: first byte, version, 8-byte DCID, 8-byte SCID.
+        header = b"\xc0" + b"\x1a\x2a\x3a\x4a" + b"\x08" + bytes(8) + b"\x08" + bytes(range(8))
+        prober.send(header + bytes(100), SERVER_ADDR)
+        await trio.sleep(0.1)
+        assert prober.receive_batch(10) == []  # no answer larger than what we sent
+        for _ in range(300):
+            prober.send(header + bytes(1200 - len(header)), SERVER_ADDR)
+        await trio.sleep(0.1)
+        answers = prober.receive_batch(1000)
+        assert 1 <= len(answers) <= 100  # at most 100 a second
+        assert answers[0][0][1:5] == bytes(4)  # version 0: Version Negotiation

@@ -27,6 +27,8 @@ REASON_TOKEN_INVALID = "Invalid authentication token"
 REASON_NOT_ALLOWED = "client not allowed"
 REASON_FULL = "Server full"
 REASON_POOL = "address pool exhausted"
+REASON_TOO_MANY_SESSIONS = "too many sessions for this client"
+REASON_REVOKED = "credentials revoked"
 
 
 @attrs.define
@@ -68,6 +70,7 @@ class Authority:
         pool6: AddressPool | None,
         mtu: int,
         lease_grace: float,
+        max_sessions_per_client: int | None = None,
     ) -> None:
         if pool4 is None and pool6 is None:
             raise ValueError("an authority needs at least one address pool")
@@ -75,6 +78,7 @@ class Authority:
         self.tokens = tokens
         self.allowed_clients = allowed_clients
         self.max_clients = max_clients
+        self.max_sessions_per_client = max_sessions_per_client
         self.pool4 = pool4
         self.pool6 = pool6
         self.mtu = mtu
@@ -90,9 +94,12 @@ class Authority:
     def active_count(self) -> int:
         return sum(1 for lease in self._leases.values() if lease.released_at is None)
 
-    def authorize(self, request: AuthRequest, *, nonce: bytes, now: float) -> Admission:
-        """Decide on one request. An accepted owner holds its lease until :meth:`release`."""
-        reason = self._refusal(request, nonce)
+    def authorize(
+        self, request: AuthRequest, *, nonce: bytes, binding: bytes, now: float
+    ) -> Admission:
+        """Decide on one request made on the connection whose channel binding is ``binding``.
+        An accepted owner holds its lease until :meth:`release`."""
+        reason = self._refusal(request, nonce, binding)
         if reason is not None:
             return Admission(
                 AuthResponse(accepted=False, reject_reason=reason), credentials_failed=True
@@ -100,21 +107,27 @@ class Authority:
         owner: Owner = (request.client_id, request.device_id)
         lease = self._leases.get(owner)
         if lease is None or lease.released_at is not None:
+            # A new session (the same device coming back replaces its old one instead).
             if self.max_clients is not None and self.active_count >= self.max_clients:
-                return Admission(AuthResponse(accepted=False, reject_reason=REASON_FULL))
+                return _for_now(REASON_FULL)
+            limit = self.max_sessions_per_client
+            if limit is not None and self._active_for(request.client_id) >= limit:
+                return _for_now(REASON_TOO_MANY_SESSIONS)
         if lease is None:
             try:
                 lease = self._allocate(owner)
             except PoolExhausted:
-                return Admission(AuthResponse(accepted=False, reject_reason=REASON_POOL))
+                return _for_now(REASON_POOL)
             self._leases[owner] = lease
         lease.released_at = None
         return Admission(self._accepted(lease), lease)
 
-    def _refusal(self, request: AuthRequest, nonce: bytes) -> str | None:
+    def _refusal(self, request: AuthRequest, nonce: bytes, binding: bytes) -> str | None:
         if request.version != PROTOCOL_VERSION:
             return f"{REASON_VERSION} {request.version}"
-        transcript = auth_transcript(nonce, self.server_key, request.client_id, request.device_id)
+        transcript = auth_transcript(
+            nonce, self.server_key, request.client_id, request.device_id, binding
+        )
         if not verify_signature(request.client_id, transcript, request.signature):
             return REASON_SIGNATURE
         if request.auth_token is None:
@@ -124,6 +137,20 @@ class Authority:
         if self.allowed_clients is not None and request.client_id not in self.allowed_clients:
             return REASON_NOT_ALLOWED
         return None
+
+    def still_admits(self, client_id: bytes, token_digest: bytes) -> bool:
+        """Would the current policy still let in a client that authenticated earlier with the
+        token of this SHA-256 digest? For re-checking live sessions after a reload."""
+        if not self.tokens.has_digest(token_digest):
+            return False
+        return self.allowed_clients is None or client_id in self.allowed_clients
+
+    def _active_for(self, client_id: bytes) -> int:
+        return sum(
+            1
+            for (owner_id, _), lease in self._leases.items()
+            if owner_id == client_id and lease.released_at is None
+        )
 
     def _allocate(self, owner: Owner) -> Lease:
         ipv4 = self.pool4.allocate(owner) if self.pool4 is not None else None
@@ -177,3 +204,8 @@ class Authority:
             lease.released_at for lease in self._leases.values() if lease.released_at is not None
         ]
         return min(times) + self.lease_grace if times else None
+
+
+def _for_now(reason: str) -> Admission:
+    """A refusal that is not the client's fault and may pass: it retries later."""
+    return Admission(AuthResponse(accepted=False, reject_reason=reason, temporary=True))

@@ -20,6 +20,7 @@ __all__ = [
     "addresses_untrusted",
     "build_ipv4_udp",
     "build_ipv6_udp",
+    "clip_untrusted",
     "internet_checksum",
     "ip_version",
     "is_link_local_source",
@@ -36,6 +37,29 @@ def ip_version(packet: bytes) -> int:
     """The IP version nibble of ``packet`` (4 or 6 for IP, anything else for garbage); 0 if
     ``packet`` is empty."""
     return packet[0] >> 4 if packet else 0
+
+
+def clip_untrusted(packet: bytes) -> bytes | None:
+    """The IPv4 or IPv6 packet at the start of ``packet``, without whatever follows it, or
+    ``None`` if it is not one. IPv4 needs version 4, IHL >= 5 and a total length from the
+    header's size up to the bytes at hand; IPv6 needs 40 bytes and a payload length that fits
+    (jumbograms are refused). The same object comes back when nothing trails. Never raises."""
+    n = len(packet)
+    if n >= _IPV4_HEADER:
+        first = packet[0]
+        version = first >> 4
+        if version == 4:
+            total = (packet[2] << 8) | packet[3]
+            if (first & 0x0F) < 5 or total < (first & 0x0F) * 4 or total > n:
+                return None
+        elif version == 6 and n >= _IPV6_HEADER:
+            total = _IPV6_HEADER + ((packet[4] << 8) | packet[5])
+            if total > n:
+                return None
+        else:
+            return None
+        return packet if total == n else packet[:total]
+    return None
 
 
 def addresses_untrusted(packet: bytes) -> tuple[bytes, bytes] | None:

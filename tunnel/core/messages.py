@@ -42,6 +42,7 @@ __all__ = [
     "CLOSE_SHUTDOWN",
     "CLOSE_IDENTITY",
     "CLOSE_RATE_LIMITED",
+    "CLOSE_INTERNAL",
     "ALPN",
     "DATAGRAM_PING",
     "DATAGRAM_PONG",
@@ -69,7 +70,7 @@ __all__ = [
     "encode_frame",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 ALPN = "tunnel/1"
 
 FRAME_PACKET = 0x00
@@ -96,8 +97,10 @@ CLOSE_REPLACED = 0x103  # the same client and device connected again
 CLOSE_SHUTDOWN = 0x104  # the server is stopping
 CLOSE_IDENTITY = 0x105  # the client refused the server's identity
 CLOSE_RATE_LIMITED = 0x106  # too many failed attempts: temporary for the client
+CLOSE_INTERNAL = 0x107  # something failed on our side while handling this connection
 
 NONCE_SIZE = 32
+BINDING_SIZE = 32
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 
@@ -109,7 +112,7 @@ _MIN_MTU6 = 1280
 
 _HEADER = struct.Struct(">BI")
 _HEADER_SIZE = _HEADER.size
-_TRANSCRIPT_LABEL = b"tunnel-auth-v1\x00"
+_TRANSCRIPT_LABEL = b"tunnel-auth-v2\x00"
 _DEVICE_ID = struct.Struct(">Q")
 
 
@@ -196,7 +199,7 @@ class AuthRequest:
     """The client's credentials, first frame on bidirectional stream 0.
 
     ``signature`` is Ed25519 by ``client_id`` over
-    ``auth_transcript(nonce, server_key, client_id, device_id)``.
+    ``auth_transcript(nonce, server_key, client_id, device_id, binding)``.
     """
 
     version: int = attrs.field(validator=_int_in(0, _U32_MAX))
@@ -229,8 +232,12 @@ class AuthResponse:
     mtu: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_int_in(_MIN_MTU4, MAX_PACKET))
     )
+    temporary: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    """Rejected for a reason that may pass (server full, no free address): try again later."""
 
     def __attrs_post_init__(self) -> None:
+        if self.accepted and self.temporary:
+            raise ValueError("an accepted AuthResponse is not temporary")
         has4 = _check_triple(self.assigned_ip, self.network, self.server_ip, "")
         has6 = _check_triple(self.assigned_ip6, self.network6, self.server_ip6, "6")
         if self.accepted:
@@ -324,6 +331,8 @@ def _message_to_json(msg: ControlMessage) -> dict[str, Any]:
         value = getattr(msg, name)
         if value is not None:
             obj[name] = value if isinstance(value, str | int) else str(value)
+    if msg.temporary:
+        obj["temporary"] = True
     return obj
 
 
@@ -368,12 +377,19 @@ def encode_frame(msg: Frame) -> bytes:
     return _HEADER.pack(frame_type, len(payload)) + payload
 
 
-def auth_transcript(nonce: bytes, server_key: bytes, client_key: bytes, device_id: int) -> bytes:
+def auth_transcript(
+    nonce: bytes, server_key: bytes, client_key: bytes, device_id: int, binding: bytes
+) -> bytes:
     """The bytes the client signs: a domain-separation label, the server's nonce, both public
-    keys and the device ID (u64 BE). Binding the nonce and the server key stops replay on another
-    connection or to another server. Raises ``ValueError`` for wrong sizes or ranges."""
+    keys, the device ID (u64 BE) and the connection's channel binding (32 bytes both ends
+    derive from this QUIC connection's secrets). The nonce and the server key stop replay to
+    another server; the binding makes a signature useless on any other connection, even one a
+    relay opened to the same server with the same nonce. Raises ``ValueError`` for wrong sizes
+    or ranges."""
     if len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes, not {len(nonce)}")
+    if len(binding) != BINDING_SIZE:
+        raise ValueError(f"binding must be {BINDING_SIZE} bytes, not {len(binding)}")
     if len(server_key) != PUBLIC_KEY_SIZE or len(client_key) != PUBLIC_KEY_SIZE:
         raise ValueError(f"public keys must be {PUBLIC_KEY_SIZE} bytes")
     if isinstance(device_id, bool) or not isinstance(device_id, int):
@@ -386,6 +402,7 @@ def auth_transcript(nonce: bytes, server_key: bytes, client_key: bytes, device_i
         + bytes(server_key)
         + bytes(client_key)
         + _DEVICE_ID.pack(device_id)
+        + bytes(binding)
     )
 
 
@@ -479,6 +496,7 @@ def _decode_auth_response(obj: dict[str, Any]) -> AuthResponse:
         network6=_get_ip(obj, "network6", IPv6Network),
         server_ip6=_get_ip(obj, "server_ip6", IPv6Address),
         mtu=_get(obj, "mtu", int, required=False),
+        temporary=_get(obj, "temporary", bool, required=False) or False,
     )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "format_token",
     "new_token",
     "parse_token_file",
+    "token_digest",
     "validate_token",
 ]
 
@@ -128,7 +129,8 @@ def parse_token_file(text: str, *, source: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def _digest(token: str) -> bytes:
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token, the only form in which tokens are kept."""
     # surrogatepass: any str can be hashed, even one that is not valid UTF-8.
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
@@ -146,13 +148,16 @@ class TokenSet:
     __slots__ = ("_digests",)
 
     def __init__(self, tokens: Iterable[str] = ()) -> None:
-        digests = dict.fromkeys(_digest(validate_token(token)) for token in tokens)
+        digests = dict.fromkeys(token_digest(validate_token(token)) for token in tokens)
         self._digests: tuple[bytes, ...] = tuple(digests)
 
     def __contains__(self, token: object) -> bool:
         if not isinstance(token, str):
             return False
-        candidate = _digest(token)
+        return self.has_digest(token_digest(token))
+
+    def has_digest(self, candidate: bytes) -> bool:
+        """Like ``in``, for a token known only by its SHA-256 digest (of a live session)."""
         found = False
         for digest in self._digests:
             # Non-short-circuiting OR: every digest is compared whatever the outcome.

@@ -31,34 +31,37 @@ from aioquic.quic.events import (
     DatagramFrameReceived,
     HandshakeCompleted,
     QuicEvent,
+    StopSendingReceived,
     StreamDataReceived,
+    StreamReset,
 )
 from aioquic.tls import SessionTicket
 
 from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.backoff import Backoff
+from tunnel.core.control import ClientControl
 from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import udp_ports_untrusted
 from tunnel.core.messages import (
     CLOSE_IDENTITY,
     CLOSE_OK,
-    CLOSE_PROTOCOL,
     CLOSE_REJECTED,
     PROTOCOL_VERSION,
     AuthRequest,
     AuthResponse,
-    FrameDecoder,
-    Packet,
     Ping,
     Pong,
     ServerHello,
     auth_transcript,
 )
+from tunnel.core.netchange import gains, matters
+from tunnel.core.underlay import Route
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     QuicDriver,
     client_configuration,
+    connection_binding,
     is_stateless_reset,
     peer_public_key,
     smoothed_rtt,
@@ -76,21 +79,23 @@ from tunnel.daemon.session import Channel, Drops
 from tunnel.daemon.tun import TunDevice
 from tunnel.daemon.udp import UdpEndpoint, format_address
 from tunnel.errors import (
+    EXIT_PERMANENT,
     EXIT_TEMPORARY,
-    DecodeError,
     HandshakeTimeout,
     IdentityMismatch,
     PeerRejected,
+    ProtocolViolation,
     SessionLost,
+    TemporaryRejection,
     TunnelError,
 )
 from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.client")
 
-SERVER_HELLO_STREAM = 3  # the server's first unidirectional stream
 UDP_BATCH = 64
 TUN_BATCH = 64
+SERVER_ROUTE = "server"  # the key of the host route to the server in HostChanges
 
 
 class GaveUp(TunnelError):
@@ -113,9 +118,12 @@ class ClientSession(Channel):
         self.client = client
         self.endpoint = endpoint
         self.server_addr = server_addr
-        self.driver = QuicDriver(quic, self._send_datagrams, self._handle_event)
+        self.driver = QuicDriver(quic, self._send_datagrams, self._handle_event, self._failed)
+        self.control = ClientControl()
         self.rebinds = 0
-        self.hello_decoder = FrameDecoder()
+        # The server's hello, held until its identity is verified: nothing secret (token,
+        # signature) leaves before that.
+        self._hello: ServerHello | None = None
         self.response: AuthResponse | None = None
         self.failure: TunnelError | None = None
         self.settled = trio.Event()  # handshake accepted, or failed
@@ -133,37 +141,65 @@ class ClientSession(Channel):
         self.settled.set()
         self.ended.set()
 
+    def _failed(self, exc: Exception) -> None:
+        """The driver's boundary caught ``exc``: this session is over; the supervisor
+        reconnects."""
+        log.debug("the failure in full", exc_info=exc)
+        self._fail(SessionLost(f"session failed ({type(exc).__name__}: {exc})"))
+
     def _handle_event(self, event: QuicEvent) -> None:
-        if isinstance(event, DatagramFrameReceived):
-            self._packet_from_server(event.data)
-        elif isinstance(event, StreamDataReceived):
-            self._stream_data(event)
-        elif isinstance(event, HandshakeCompleted):
-            self.resumed = event.session_resumed
-            if event.session_resumed:
-                # No certificate on resumption: the ticket itself came from a session whose
-                # server key we checked, and only such tickets are ever kept.
-                self._identity_verified()
-                return
-            key = peer_public_key(self.quic)
-            expected = self.client.config.server_id
-            if key == expected:
-                self._identity_verified()
-            else:
-                got = encode_public_id(key) if key else "no Ed25519 key"
-                self.quic.close(error_code=CLOSE_IDENTITY, reason_phrase="identity mismatch")
-                self._fail(
-                    IdentityMismatch(
-                        f"server identity mismatch: expected {encode_public_id(expected)}, "
-                        f"server presented {got}"
-                    )
-                )
-        elif isinstance(event, ConnectionTerminated):
-            if event.error_code == CLOSE_REJECTED and self.response is None:
-                self._fail(PeerRejected(f"rejected by server: {event.reason_phrase}"))
-            else:
-                reason = event.reason_phrase or f"code {event.error_code:#x}"
-                self._fail(SessionLost(f"connection closed: {reason}"))
+        try:
+            if isinstance(event, DatagramFrameReceived):
+                self._packet_from_server(event.data)
+            elif isinstance(event, StreamDataReceived):
+                self._stream_data(event)
+            elif isinstance(event, StopSendingReceived):
+                self.control.stop_sending(event.stream_id)
+            elif isinstance(event, StreamReset):
+                self.control.stream_reset(event.stream_id)
+            elif isinstance(event, HandshakeCompleted):
+                self._handshake_completed(event)
+            elif isinstance(event, ConnectionTerminated):
+                self._terminated(event)
+        except ProtocolViolation as exc:
+            self.quic.close(error_code=exc.close_code, reason_phrase=exc.reason)
+            self._fail(SessionLost(f"protocol error from server: {exc.reason}"))
+
+    def _handshake_completed(self, event: HandshakeCompleted) -> None:
+        self.resumed = event.session_resumed
+        if event.session_resumed:
+            # No certificate on resumption: the ticket itself came from a session whose
+            # server key we checked, and only such tickets are ever kept.
+            self._identity_verified()
+            return
+        key = peer_public_key(self.quic)
+        expected = self.client.config.server_id
+        if key == expected:
+            self._identity_verified()
+            return
+        got = encode_public_id(key) if key else "no Ed25519 key"
+        self.quic.close(error_code=CLOSE_IDENTITY, reason_phrase="identity mismatch")
+        self._fail(
+            IdentityMismatch(
+                f"server identity mismatch: expected {encode_public_id(expected)}, "
+                f"server presented {got} (a wrong server_id, or someone else on the path)"
+            )
+        )
+
+    def _terminated(self, event: ConnectionTerminated) -> None:
+        reason = event.reason_phrase or f"code {event.error_code:#x}"
+        if (
+            event.error_code == CLOSE_REJECTED
+            and event.frame_type is None  # an application close: only ever 1-RTT
+            and self.response is not None
+            and self.response.accepted
+        ):
+            # Established, so the close came under this connection's 1-RTT keys from the
+            # server we verified: a revocation whose control-stream message we missed.
+            self._fail(PeerRejected(f"rejected by server: {reason}"))
+        else:
+            # Anything else may have come in an Initial packet anyone on the path can forge.
+            self._fail(SessionLost(f"connection closed: {reason}"))
 
     def _packet_from_server(self, packet: bytes) -> None:
         """Hot path: deliver a packet from the server if it is addressed to us."""
@@ -191,6 +227,8 @@ class ClientSession(Channel):
         if self._unverified_ticket is not None:
             self.client.ticket = self._unverified_ticket
             self._unverified_ticket = None
+        if self._hello is not None:
+            self._answer_hello(self._hello)
 
     def _ticket_received(self, ticket: SessionTicket) -> None:
         """Keep tickets only from a server whose identity we verified on this connection."""
@@ -200,34 +238,35 @@ class ClientSession(Channel):
             self._unverified_ticket = ticket
 
     def _stream_data(self, event: StreamDataReceived) -> None:
-        decoder = self.hello_decoder if event.stream_id == SERVER_HELLO_STREAM else self.decoder
-        try:
-            frames = decoder.feed(event.data)
-        except DecodeError as exc:
-            self.quic.close(error_code=CLOSE_PROTOCOL, reason_phrase="malformed stream")
-            self._fail(SessionLost(f"protocol error from server: {exc}"))
-            return
-        for frame in frames:
-            if isinstance(frame, Packet):
-                self._packet_from_server(frame.data)
-            elif isinstance(frame, Pong):
-                self.last_pong = trio.current_time()
-            elif isinstance(frame, Ping):
-                self.send_frame(Pong())
-            elif isinstance(frame, ServerHello) and event.stream_id == SERVER_HELLO_STREAM:
-                self._answer_hello(frame)
-            elif isinstance(frame, AuthResponse) and self.response is None:
-                self._auth_response(frame)
+        received = self.control.stream_data(
+            event.stream_id, event.data, event.end_stream, trio.current_time()
+        )
+        if received.hello is not None:
+            if self.identity_verified:
+                self._answer_hello(received.hello)
             else:
-                self.quic.close(error_code=CLOSE_PROTOCOL, reason_phrase="unexpected frame")
-                self._fail(SessionLost(f"protocol error: unexpected {type(frame).__name__}"))
+                self._hello = received.hello
+        if received.response is not None:
+            self._auth_response(received.response)
+        for packet in received.packets:
+            self._packet_from_server(packet)
+        if received.pong_seen:
+            self.last_pong = trio.current_time()
+        if received.answer_ping:
+            self.send_frame(Pong())
 
     def _answer_hello(self, hello: ServerHello) -> None:
+        self._hello = None
         identity = self.client.identity
         transcript = auth_transcript(
-            hello.nonce, self.client.config.server_id, identity.public_key, self.client.device_id
+            hello.nonce,
+            self.client.config.server_id,
+            identity.public_key,
+            self.client.device_id,
+            connection_binding(self.quic),
         )
         self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, hello.max_datagram_payload)
+        self.control.request_sent()
         self.send_frame(
             AuthRequest(
                 version=PROTOCOL_VERSION,
@@ -240,11 +279,18 @@ class ClientSession(Channel):
         )
 
     def _auth_response(self, response: AuthResponse) -> None:
-        self.response = response
-        if not response.accepted:
-            self._fail(PeerRejected(f"rejected by server: {response.reject_reason}"))
+        # Only an identity-verified server gets our request, so only it can answer here.
+        if response.accepted:
+            self.response = response
+            self.settled.set()
             return
-        self.settled.set()
+        reason = response.reject_reason or "no reason given"
+        # We leave politely: the server waits for our ACK of its answer otherwise.
+        self.quic.close(error_code=CLOSE_OK, reason_phrase="rejected")
+        if response.temporary:
+            self._fail(TemporaryRejection(f"server refused us for now: {reason}"))
+        else:
+            self._fail(PeerRejected(f"rejected by server: {reason}"))
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -295,6 +341,12 @@ class ClientSession(Channel):
         self.quic.send_ping(self.rebinds)
         self.driver.transmit()
         log.info("path silent: moved to a new local socket %s", format_address(fresh.local_address))
+
+    def probe(self) -> None:
+        """The path may have changed: ping now rather than at the next interval, so a new
+        source address or NAT mapping is learned by the server, and silence is noticed sooner."""
+        self.send_frame(Ping())
+        self._flush()
 
     def _flush(self) -> None:
         if self.touched:
@@ -366,7 +418,7 @@ class ClientSession(Channel):
     def close(self) -> None:
         if not self.ended.is_set():
             self.quic.close(error_code=CLOSE_OK, reason_phrase="client shutting down")
-            self.driver.transmit()
+        self.driver.transmit()  # our close, or the one a failure already queued
 
     def status(self) -> dict[str, Any]:
         rtt = smoothed_rtt(self.quic)
@@ -381,6 +433,21 @@ class ClientSession(Channel):
             "resumed": self.resumed,
             "rebinds": self.rebinds,
         }
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Does this failure (or any failure in this group) say "do not retry"?"""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_permanent(inner) for inner in exc.exceptions)
+    return isinstance(exc, TunnelError) and exc.exit_code == EXIT_PERMANENT
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the log: our own errors say what happened; anything else is a failure
+    inside the session, named by its type."""
+    if isinstance(exc, TunnelError):
+        return str(exc)
+    return f"session failed ({type(exc).__name__}: {exc})"
 
 
 def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) -> bool:
@@ -423,28 +490,61 @@ class Client:
         self.server_addr: Any = None
         self.server_packed = b""
         self.server_port = config.server_port
+        self.tun_index: int | None = None
+        self._tunnel_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._server_route: Route | None = None  # the host route outside the tunnel, if any
+        self.monitor: Any = None  # the NetworkMonitor while it runs
+        self._network_gained = trio.Event()
+        self._attempt: trio.CancelScope | None = None
 
     async def supervise(self) -> None:
         """Connect, run the session, and on loss reconnect with backoff until told to stop.
 
-        Rejections and identity mismatches end the daemon (they will not get better by
-        retrying); anything that means "the session is gone" leads to another attempt.
+        Permanent, and the end of the daemon: local problems (config, key file, the host
+        refusing a TUN device) and a rejection the verified server sent on the control stream.
+        Everything else is temporary and retried, whatever it looks like, because the network
+        can forge it: closes in Initial packets, another key presented, resets, a name that
+        does not resolve, "server full", and any failure inside a session.
         """
+        with lone_errors_unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_network)
+                await self._reconnect_loop()
+                nursery.cancel_scope.cancel()
+
+    async def _reconnect_loop(self) -> None:
         backoff = Backoff()
         failures = 0
         while True:
             session: ClientSession | None = None
+            attempt = trio.CancelScope()
+            self._attempt = attempt
             try:
-                session = await self._open_session()
-                await self._run_session(session)
-            except (SessionLost, HandshakeTimeout) as exc:
+                with attempt:
+                    session = await self._open_session()
+                    await self._run_session(session)
+            except Exception as exc:
+                if _is_permanent(exc):
+                    raise
                 if not self.config.auto_reconnect:
-                    raise SessionLost(f"{exc} (auto_reconnect is off)") from None
-                log.warning("%s", exc)
+                    raise SessionLost(f"{_describe(exc)} (auto_reconnect is off)") from None
+                if isinstance(exc, IdentityMismatch):
+                    log.error("%s", exc)
+                else:
+                    log.warning("%s", _describe(exc))
+                if not isinstance(exc, TunnelError):
+                    log.debug("the failure in full", exc_info=exc)
             finally:
+                self._attempt = None
                 if session is not None:
                     session.endpoint.close()
                 self.session = None
+            if attempt.cancelled_caught:
+                # The network changed under a handshake whose retransmissions may have been
+                # spent while the path was down: a fresh attempt, at once.
+                log.info("network changed: connecting again now")
+                self.reconnects += 1
+                continue
             if session is not None and session.packets_in > 0 and session.packets_out > 0:
                 # The session carried traffic: start over as if it were the first failure.
                 backoff.reset()
@@ -459,8 +559,51 @@ class Client:
             delay = backoff.next_delay()
             self.state = "reconnecting"
             log.info("reconnecting in %.1f s (attempt %d)", delay, failures)
-            await trio.sleep(delay)
+            self._network_gained = trio.Event()
+            with trio.move_on_after(delay):
+                await self._network_gained.wait()
+                log.info("network changed: reconnecting now")
             self.reconnects += 1
+
+    async def _watch_network(self) -> None:
+        """React to the host's network changing: follow the underlay with the host route to
+        the server, cut a backoff or a stalled handshake short when something came up, and
+        probe a live session at once. Without a monitor the client still works, on timers."""
+        try:
+            monitor = self.platform.network_monitor()
+        except TunnelError as exc:
+            log.warning("not watching the network (%s): reconnects wait for their timers", exc)
+            return
+        self.monitor = monitor
+        try:
+            if self.tun is not None:
+                monitor.ignore_interface(self.tun.name)
+            while True:
+                try:
+                    batch = await monitor.wait_change()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.warning("network monitor stopped: %s", exc)
+                    return
+                if matters(batch):
+                    self.network_changed(gained=gains(batch))
+        finally:
+            self.monitor = None
+            monitor.close()
+
+    def network_changed(self, *, gained: bool) -> None:
+        """Something in the host's network that may touch the path to the server changed."""
+        log.debug("network changed%s", " (something came up)" if gained else "")
+        try:
+            self._keep_server_reachable()
+        except TunnelError as exc:
+            log.warning("host route to the server: %s", exc)
+        if self.state == "connected":
+            if self.session is not None:
+                self.session.probe()
+        elif gained:
+            self._network_gained.set()
+            if self._attempt is not None and self.state == "connecting":
+                self._attempt.cancel()
 
     async def _open_session(self) -> ClientSession:
         family, addr = await self.platform.resolve(
@@ -468,6 +611,8 @@ class Client:
         )
         self.server_addr = addr
         self.server_packed = ipaddress.ip_address(addr[0]).packed
+        # The name may point elsewhere now: outside the tunnel before the first packet.
+        self._keep_server_reachable()
         endpoint = await self.platform.open_udp(
             "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
         )
@@ -525,12 +670,15 @@ class Client:
         if self.tun is None:
             mtu = min(self.config.mtu, response.mtu or self.config.mtu)
             self.tun = self.platform.open_tun(self.config.tun_name)
-            self.host.bring_up(self.tun.name, mtu)
+            if self.monitor is not None:
+                self.monitor.ignore_interface(self.tun.name)
+            self.tun_index = self.host.bring_up(self.tun.name, mtu)
             self._add_addresses(response)
             self._add_routes(response)
         else:
             # The server gave us other addresses (our lease expired): swap them.
             self.host.undo()
+            self._server_route = None
             self._add_addresses(response)
             self._add_routes(response)
         self.response = response
@@ -549,19 +697,44 @@ class Client:
             wanted += self.config.routes
         if response.assigned_ip6 is not None:
             wanted += self.config.routes6
-        server_ip = ipaddress.ip_address(self.server_addr[0])
-        if any(server_ip in net for net in wanted if net.version == server_ip.version):
-            # Keep the path to the server outside the tunnel: a host route through whatever
-            # reaches it now.
-            gateway, oif = self.host.route_to(server_ip)
-            host_net = ipaddress.ip_network(f"{server_ip}/{server_ip.max_prefixlen}")
-            self.host.add_route(host_net, via=gateway, oif=oif)
+        self._tunnel_routes = wanted
+        self._keep_server_reachable()
         for net in wanted:
             # A default route is installed as its two halves, which win over the existing
             # default by being more specific and leave it untouched for our return.
             halves = list(net.subnets(prefixlen_diff=1)) if net.prefixlen == 0 else [net]
             for half in halves:
                 self.host.add_route(half, ifname=self.tun.name)
+
+    def _keep_server_reachable(self) -> None:
+        """Full tunnel: keep one host route to the server outside the tunnel, through whatever
+        reaches it now: the underlay may have moved (another gateway or interface) and the
+        name may resolve to another address. Off when the tunnel's routes miss the server."""
+        if self.tun is None or self.server_addr is None:
+            return
+        server_ip = ipaddress.ip_address(self.server_addr[0])
+        if not any(server_ip in n for n in self._tunnel_routes if n.version == server_ip.version):
+            if self._server_route is not None:
+                self.host.set_route(SERVER_ROUTE, None)
+                self._server_route = None
+            return
+        underlay = self.host.underlay_route_to(
+            server_ip, avoid_oif=self.tun_index, avoid=self._server_route
+        )
+        if underlay is None:
+            log.warning("no route to the server %s outside the tunnel", server_ip)
+            return
+        host_net = ipaddress.ip_network(f"{server_ip}/{server_ip.max_prefixlen}")
+        wanted = Route(host_net, underlay.gateway, underlay.oif)
+        if wanted != self._server_route:
+            self.host.set_route(SERVER_ROUTE, wanted)
+            self._server_route = wanted
+            log.info(
+                "server %s reached outside the tunnel%s (interface %s)",
+                server_ip,
+                f" via {wanted.gateway}" if wanted.gateway else "",
+                wanted.oif,
+            )
 
     def addresses(self) -> list[str]:
         r = self.response

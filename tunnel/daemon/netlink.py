@@ -17,6 +17,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tunnel.core.underlay import Route, best_route
 from tunnel.errors import SystemSetupError
 
 log = logging.getLogger("tunnel.netlink")
@@ -47,6 +48,8 @@ class HostChanges:
     def __init__(self) -> None:
         self._ipr = IPRoute()
         self._undo: list[tuple[str, Callable[[], Any]]] = []
+        # Routes that move while we run (the host route to the server): key -> netlink spec.
+        self._moving: dict[str, dict[str, Any]] = {}
 
     def close(self) -> None:
         self._ipr.close()
@@ -118,20 +121,58 @@ class HostChanges:
             desc, lambda: self._ipr.route("add", **spec), lambda: self._ipr.route("del", **spec)
         )
 
-    def route_to(self, address: IPAddress) -> tuple[str | None, int | None]:
-        """How the kernel reaches ``address`` now: (gateway or None, output interface index)."""
+    def underlay_route_to(
+        self, address: IPAddress, *, avoid_oif: int | None, avoid: Route | None
+    ) -> Route | None:
+        """The main table's way to ``address`` without our own routes (see
+        :func:`tunnel.core.underlay.best_route`)."""
         try:
-            answer = self._ipr.route("get", dst=str(address))
+            messages = self._ipr.get_routes(family=_family(address), table=254)
         except NetlinkError as exc:
-            raise SystemSetupError(f"no route to {address}: {exc.args[-1]}") from exc
-        if not answer:
-            return None, None
-        msg = answer[0]
-        return msg.get_attr("RTA_GATEWAY"), msg.get_attr("RTA_OIF")
+            raise SystemSetupError(f"cannot read the routing table: {exc.args[-1]}") from exc
+        return best_route(_unicast_routes(messages), address, avoid_oif=avoid_oif, avoid=avoid)
+
+    def set_route(self, key: str, route: Route | None) -> None:
+        """Make the route known as ``key`` be ``route`` (None: no route): the new one is in
+        place before the old one goes, so the destination is never left without one. Undone
+        by :meth:`undo` like every other change."""
+        old = self._moving.pop(key, None)
+        if route is not None:
+            spec: dict[str, Any] = {
+                "dst": str(route.network.network_address),
+                "dst_len": route.network.prefixlen,
+                "family": _family(route.network),
+            }
+            if route.gateway is not None:
+                spec["gateway"] = route.gateway
+            if route.oif is not None:
+                spec["oif"] = route.oif
+            same_destination = old is not None and (old["dst"], old["dst_len"]) == (
+                spec["dst"],
+                spec["dst_len"],
+            )
+            verb = "replace" if same_destination else "add"
+            self._do(
+                f"{verb} route {route.network} ({key})", lambda: self._ipr.route(verb, **spec), None
+            )
+            self._moving[key] = spec
+            if same_destination:
+                return
+        if old is not None:
+            self._delete_route(key, old)
+
+    def _delete_route(self, key: str, spec: dict[str, Any]) -> None:
+        try:
+            self._ipr.route("del", **spec)
+        except NetlinkError as exc:
+            log.debug("delete route %s/%s (%s): %s", spec["dst"], spec["dst_len"], key, exc)
 
     def undo(self) -> None:
         """Undo every remembered change, newest first. Errors are logged, not raised: undo runs
         on the way out, when the device may already be gone and taken its routes with it."""
+        for key, spec in self._moving.items():
+            self._delete_route(key, spec)
+        self._moving.clear()
         while self._undo:
             what, action = self._undo.pop()
             try:
@@ -139,3 +180,23 @@ class HostChanges:
             except NetlinkError as exc:
                 # ENODEV/ESRCH/EADDRNOTAVAIL: it went away with the device already.
                 log.debug("undo %s: %s", what, exc)
+
+
+def _unicast_routes(messages: Any) -> list[Route]:
+    """Plain unicast routes of a netlink dump (multipath routes are left out: we could not
+    say which of their hops the kernel takes)."""
+    routes = []
+    for msg in messages:
+        if msg.get("type") != 1 or msg.get_attr("RTA_MULTIPATH") is not None:  # RTN_UNICAST
+            continue
+        family_any = "0.0.0.0" if msg["family"] == socket.AF_INET else "::"
+        dst = msg.get_attr("RTA_DST") or family_any
+        routes.append(
+            Route(
+                network=ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False),
+                gateway=msg.get_attr("RTA_GATEWAY"),
+                oif=msg.get_attr("RTA_OIF"),
+                metric=msg.get_attr("RTA_PRIORITY") or 0,
+            )
+        )
+    return routes

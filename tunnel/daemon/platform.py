@@ -1,8 +1,8 @@
 """The host resources a daemon asks for, behind one seam.
 
-Daemons get UDP sockets, TUN devices and netlink changes from a :class:`Platform`; tests hand
-them :class:`tunnel.testing.fakes.FakePlatform` instead and run two in-memory peers on virtual
-time.
+Daemons get UDP sockets, TUN devices, netlink changes and the network monitor from a
+:class:`Platform`; tests hand them :class:`tunnel.testing.fakes.FakePlatform` instead and run
+two in-memory peers on virtual time.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunnel.daemon.netlink import HostChanges
+from tunnel.daemon.netmonitor import NetworkMonitor
 from tunnel.daemon.tun import TunDevice
 from tunnel.daemon.udp import UdpEndpoint, resolve
 
@@ -30,6 +31,9 @@ class Platform:
 
     def host_changes(self) -> HostChanges:
         return HostChanges()
+
+    def network_monitor(self) -> NetworkMonitor:
+        return NetworkMonitor.open()
 
 
 SYSTEM = Platform()

@@ -27,6 +27,7 @@ from aioquic._crypto import HeaderProtection as _HeaderProtection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     END_STATES,
+    Limit,
     QuicConnection,
     QuicConnectionError,
     QuicConnectionState,
@@ -51,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from tunnel.core.identity import Identity
-from tunnel.core.messages import ALPN
+from tunnel.core.messages import ALPN, BINDING_SIZE, CLOSE_INTERNAL
 
 log = logging.getLogger("tunnel.quic")
 
@@ -182,9 +183,44 @@ class BurstPacer(QuicPacketPacer):
 
 
 def tune(quic: QuicConnection) -> QuicConnection:
-    """Apply our data-path settings to a new connection (its pacer lives in private state)."""
+    """Apply our settings to a new connection, before it sends its transport parameters: our
+    pacer, and stream limits that allow the peer exactly the streams the protocol uses (the
+    client one bidirectional stream, the server one unidirectional stream), so a peer that
+    opens more gets aioquic's STREAM_LIMIT_ERROR instead of our memory. Both live in private
+    state."""
     quic._loss._pacer = BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+    bidi, uni = (0, 1) if quic._is_client else (1, 0)
+    quic._local_max_streams_bidi = Limit(
+        frame_type=QuicFrameType.MAX_STREAMS_BIDI, name="max_streams_bidi", value=bidi
+    )
+    quic._local_max_streams_uni = Limit(
+        frame_type=QuicFrameType.MAX_STREAMS_UNI, name="max_streams_uni", value=uni
+    )
     return quic
+
+
+def connection_binding(quic: QuicConnection) -> bytes:
+    """32 bytes unique to this QUIC connection that only its two ends can compute: a keyed hash
+    of its first 1-RTT traffic secrets (client's, then server's). The client signs it with the
+    server's nonce, so a signature is worthless on any other connection. Call it before any key
+    update (the tunnel handshake comes first); raises ``ValueError`` before the 1-RTT keys
+    exist. aioquic has no TLS exporter, so this reads its private key state."""
+    pair = quic._cryptos[_ONE_RTT]
+    send, recv = pair.send.secret, pair.recv.secret
+    if not send or not recv:
+        raise ValueError("no 1-RTT keys yet")
+    client_secret, server_secret = (send, recv) if quic._is_client else (recv, send)
+    binding = hmac.new(client_secret, b"tunnel binding v1\0" + server_secret, hashlib.sha256)
+    return binding.digest()[:BINDING_SIZE]
+
+
+def stream_buffered(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream of ours and not yet acknowledged (0 for no such stream)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    return sender._buffer_stop - sender._buffer_start
 
 
 class ResetTokens:
@@ -236,7 +272,13 @@ class ResettableConnection(QuicConnection):
 def is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
     """Does this datagram end with the reset token of the connection ID we send to?"""
     token = quic._peer_cid.stateless_reset_token
-    return bool(token) and len(data) >= 21 and not data[0] & 0x80 and data[-16:] == token
+    # Constant time (RFC 9000 10.3.1): timing must not tell a forger how many bytes matched.
+    return (
+        bool(token)
+        and len(data) >= 21
+        and not data[0] & 0x80
+        and hmac.compare_digest(data[-16:], token)
+    )
 
 
 # aioquic 1.6 and later protect packets in Python over `cryptography`; the layers between a
@@ -579,28 +621,43 @@ def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
 class QuicDriver:
     """Drives one QuicConnection: events out to ``handle_event``, datagrams out through ``send``
     (a whole batch at a time, so the socket can send it in one system call), and one timer task
-    (:meth:`run_timer`) that must run in the owning session's nursery."""
+    (:meth:`run_timer`) that must run in the owning session's nursery.
+
+    It is also the connection's fault boundary: every way into the connection (a received
+    datagram, its events, a transmit, the timer) goes through here, and an exception on any of
+    them closes this connection alone with ``CLOSE_INTERNAL`` and is handed to ``on_failure``;
+    nothing raises into the pump that called. A failed driver ignores everything after.
+    """
 
     def __init__(
         self,
         quic: QuicConnection,
         send: Callable[[list[tuple[bytes, Address]]], None],
         handle_event: Callable[[QuicEvent], None],
+        on_failure: Callable[[Exception], None],
     ) -> None:
         self.quic = quic
         self._send = send
         self._handle_event = handle_event
+        self._on_failure = on_failure
         self._timer_scope: trio.CancelScope | None = None
         self._clock: trio.abc.Clock | None = None
         # Whether aioquic itself may have queued something (from a received packet or its
         # timer) that only its generic send path sends.
         self._aioquic_due = True
+        self.failed = False
 
     def receive(self, data: bytes, addr: Address, now: float) -> None:
         """Feed one UDP datagram. Call :meth:`pump` once after a batch of these."""
-        received = receive_datagram_fast(self.quic, data, addr, now)
-        if received is Received.NOT_OURS:
-            self.quic.receive_datagram(data, addr, now)
+        if self.failed:
+            return
+        try:
+            received = receive_datagram_fast(self.quic, data, addr, now)
+            if received is Received.NOT_OURS:
+                self.quic.receive_datagram(data, addr, now)
+        except Exception as exc:
+            self.fail(exc)
+            return
         if received is not Received.DATAGRAMS_ONLY:
             self._aioquic_due = True
 
@@ -609,8 +666,11 @@ class QuicDriver:
         with whatever else the batch queued)."""
         events = self.quic._events  # what next_event() pops, without a call per event
         handle = self._handle_event
-        while events:
-            handle(events.popleft())
+        try:
+            while events and not self.failed:
+                handle(events.popleft())
+        except Exception as exc:
+            self.fail(exc)
 
     def pump(self) -> None:
         """Deliver pending events, then send whatever the connection has to send."""
@@ -619,6 +679,14 @@ class QuicDriver:
 
     def transmit(self) -> None:
         """Send everything the connection has queued, and re-arm the timer."""
+        if self.failed:
+            return
+        try:
+            self._transmit()
+        except Exception as exc:
+            self.fail(exc)
+
+    def _transmit(self) -> None:
         quic = self.quic
         clock = self._clock
         if clock is None:
@@ -643,17 +711,39 @@ class QuicDriver:
             timer = quic.get_timer()
             scope.deadline = math.inf if timer is None else timer
 
+    def fail(self, exc: Exception) -> None:
+        """Close this connection for an internal error (once), tell the owner, and try to let
+        the peer know. Never raises."""
+        if self.failed:
+            return
+        self.failed = True
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = math.inf
+        try:
+            self.quic.close(error_code=CLOSE_INTERNAL, reason_phrase="internal error")
+            self._send(self.quic.datagrams_to_send(now=trio.current_time()))
+        except Exception:  # the connection's state is what failed: the peer will time out
+            log.debug("could not send the close of a failed connection", exc_info=True)
+        self._on_failure(exc)
+
     async def run_timer(self) -> None:
         """Fire aioquic's timer whenever it is due. Runs until cancelled."""
-        while True:
+        while not self.failed:
             timer = self.quic.get_timer()
             with trio.CancelScope(deadline=math.inf if timer is None else timer) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
+            if self.failed:
+                break
             timer = self.quic.get_timer()
             now = trio.current_time()
             if timer is not None and now >= timer:
-                self.quic.handle_timer(now)
+                try:
+                    self.quic.handle_timer(now)
+                except Exception as exc:
+                    self.fail(exc)
+                    break
                 self._aioquic_due = True
                 self.pump()
+        await trio.sleep_forever()

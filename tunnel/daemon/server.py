@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import ipaddress
 import logging
 import math
@@ -35,7 +34,9 @@ from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
     QuicEvent,
+    StopSendingReceived,
     StreamDataReceived,
+    StreamReset,
 )
 from aioquic.quic.packet import (
     QuicPacketType,
@@ -44,11 +45,14 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
+from aioquic.tls import SessionTicket
+from trio_util import wait_any
 
 from tunnel.config import RunOptions, ServerConfig, load_server_config
-from tunnel.core.authority import Authority, Lease
+from tunnel.core.authority import REASON_REVOKED, Admission, Authority, Lease
+from tunnel.core.control import CONTROL_STREAM, ServerControl
 from tunnel.core.identity import Identity, encode_public_id
-from tunnel.core.ippacket import udp_ports_untrusted
+from tunnel.core.ippacket import clip_untrusted, udp_ports_untrusted
 from tunnel.core.ippool import AddressPool
 from tunnel.core.messages import (
     CLOSE_HANDSHAKE_TIMEOUT,
@@ -61,15 +65,13 @@ from tunnel.core.messages import (
     PROTOCOL_VERSION,
     AuthRequest,
     AuthResponse,
-    Packet,
-    Ping,
     Pong,
     ServerHello,
     encode_frame,
 )
 from tunnel.core.nat64 import Nat64
-from tunnel.core.ratelimit import FailureLimiter
-from tunnel.core.tokens import TokenSet
+from tunnel.core.ratelimit import FailureLimiter, TokenBucket
+from tunnel.core.tokens import TokenSet, token_digest
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
@@ -77,8 +79,10 @@ from tunnel.daemon.quic import (
     ResettableConnection,
     ResetTokens,
     TicketStore,
+    connection_binding,
     server_configuration,
     smoothed_rtt,
+    stream_buffered,
     tune,
 )
 from tunnel.daemon.runtime import (
@@ -88,9 +92,9 @@ from tunnel.daemon.runtime import (
     notify_ready,
     watch_signals,
 )
-from tunnel.daemon.session import CONTROL_STREAM, Channel, Drops, SessionLog
+from tunnel.daemon.session import Channel, Drops, SessionLog
 from tunnel.daemon.udp import UdpEndpoint, format_address
-from tunnel.errors import DecodeError, TunnelError
+from tunnel.errors import ProtocolViolation, TunnelError
 from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.server")
@@ -101,16 +105,17 @@ log = logging.getLogger("tunnel.server")
 MAX_PENDING_PER_SOURCE = 16
 MAX_PENDING = 1024
 RETRY_ABOVE = 64
-# Stateless resets are cheap to send but never worth a flood of our own.
+# Stateless resets and Version Negotiation are cheap to send but never worth a flood of our own.
 MAX_RESETS_PER_SECOND = 100
+MAX_VERSION_NEGOTIATIONS_PER_SECOND = 100
+# Datagrams smaller than a client's first Initial (RFC 9000 14.1) get no Version Negotiation,
+# so we never answer with more than we were sent.
 SMALLEST_INITIAL = 1200
+# How long a rejecting or revoking session waits for the client to have our answer.
+LINGER = 1.0
 UDP = 17
 UDP_BATCH = 64
 TUN_BATCH = 64
-
-
-def _digest(secret: str | None) -> bytes:
-    return hashlib.sha256(secret.encode()).digest() if secret is not None else b""
 
 
 def _short(client_id: bytes | None) -> str:
@@ -118,16 +123,25 @@ def _short(client_id: bytes | None) -> str:
 
 
 class ServerSession(Channel):
-    """One client connection, from its first Initial to its close."""
+    """One client connection, from its first Initial to its close.
 
-    def __init__(self, server: Server, quic: QuicConnection, remote: Any) -> None:
+    Everything the client sends passes the connection's :class:`ServerControl` rules first;
+    a violation closes this connection with its code, and any other failure while handling it
+    (the driver is the boundary) closes it with ``CLOSE_INTERNAL``. Neither reaches the pumps.
+    """
+
+    def __init__(
+        self, server: Server, quic: QuicConnection, remote: Any, tickets: list[SessionTicket]
+    ) -> None:
         super().__init__(quic, Drops(), server.touched)
         self.server = server
         self.remote = remote
-        self.driver = QuicDriver(quic, server.endpoint.send_batch, self._handle_event)
+        self.driver = QuicDriver(quic, server.endpoint.send_batch, self._handle_event, self._failed)
+        self.control = ServerControl()
         self.nonce = secrets.token_bytes(32)
         self.client_id: bytes | None = None
         self.device_id: int | None = None
+        self.token_digest: bytes | None = None
         self.lease: Lease | None = None
         self.own_sources: frozenset[bytes] = frozenset()
         self.established = trio.Event()
@@ -136,30 +150,69 @@ class ServerSession(Channel):
         self.started_at = trio.current_time()
         self.log = SessionLog(log, {"client": "-"})
         self._hello_sent = False
+        self.closing = False
+        # Tickets aioquic issued on this connection: they become usable for resumption only once
+        # the client has authenticated, so a flood of token-less handshakes cannot push the
+        # tickets of real clients out of the bounded store.
+        self._tickets = tickets
+        # A close that waits until the client has our last words (a rejection) or LINGER passed.
+        self._close_after_delivery: tuple[int, str] | None = None
+        self._linger_requested = trio.Event()
+        self._delivered = trio.Event()
 
     # -- events (called synchronously from the UDP pump or the timer) --------------------------
 
     def _handle_event(self, event: QuicEvent) -> None:
-        if isinstance(event, DatagramFrameReceived):
-            if self.lease is not None:
+        try:
+            if isinstance(event, DatagramFrameReceived):
+                if self.closing:
+                    return
+                if self.lease is None:
+                    self.control.datagram()  # raises: nothing but the request before auth
                 self.server.packet_from_client(self, event.data)
-            else:
-                self.drops["not_established"] += 1
-        elif isinstance(event, StreamDataReceived):
-            self._stream_data(event)
-        elif isinstance(event, ConnectionIdIssued):
-            self.server.cids[event.connection_id] = self
-        elif isinstance(event, ConnectionIdRetired):
-            self.server.cids.pop(event.connection_id, None)
-        elif isinstance(event, ConnectionTerminated):
-            if event.error_code not in (CLOSE_OK, CLOSE_SHUTDOWN):
-                self.log.info(
-                    "connection closed: %s (code %#x)", event.reason_phrase or "-", event.error_code
-                )
-            else:
-                self.log.info("connection closed by peer")
-            self.closed.set()
-            self.handshake_over.set()
+            elif isinstance(event, StreamDataReceived):
+                if not self.closing:
+                    self._stream_data(event)
+            elif isinstance(event, StopSendingReceived):
+                if not self.closing:
+                    self.control.stop_sending(event.stream_id)
+            elif isinstance(event, StreamReset):
+                if not self.closing:
+                    self.control.stream_reset(event.stream_id)
+            elif isinstance(event, ConnectionIdIssued):
+                self.server.cids[event.connection_id] = self
+            elif isinstance(event, ConnectionIdRetired):
+                self.server.cids.pop(event.connection_id, None)
+            elif isinstance(event, ConnectionTerminated):
+                self._terminated(event)
+        except ProtocolViolation as exc:
+            self.server.protocol_violations += 1
+            self.log.info("protocol violation from %s: %s", format_address(self.remote), exc.reason)
+            self.close(exc.close_code, exc.reason)
+
+    def _terminated(self, event: ConnectionTerminated) -> None:
+        if event.error_code not in (CLOSE_OK, CLOSE_SHUTDOWN):
+            self.log.info(
+                "connection closed: %s (code %#x)", event.reason_phrase or "-", event.error_code
+            )
+        else:
+            self.log.info("connection closed by peer")
+        self.closed.set()
+        self.handshake_over.set()
+
+    def _failed(self, exc: Exception) -> None:
+        """The driver's boundary caught ``exc``: this connection is closed, nothing else."""
+        self.closing = True
+        self.server.sessions_failed += 1
+        self.log.warning(
+            "session from %s failed (%s: %s): closed with an internal error",
+            format_address(self.remote),
+            type(exc).__name__,
+            exc,
+        )
+        self.log.debug("the failure in full", exc_info=exc)
+        self.closed.set()
+        self.handshake_over.set()
 
     def send_hello(self) -> None:
         """Our nonce goes out on the first server-initiated stream, with the handshake flight."""
@@ -173,30 +226,17 @@ class ServerSession(Channel):
         self.quic.send_stream_data(stream_id, encode_frame(hello))
 
     def _stream_data(self, event: StreamDataReceived) -> None:
-        if event.stream_id != CONTROL_STREAM:
-            self.close(CLOSE_PROTOCOL, "unexpected stream")
-            return
-        try:
-            frames = self.decoder.feed(event.data)
-        except DecodeError as exc:
-            self.log.warning("protocol error on control stream: %s", exc)
-            self.close(CLOSE_PROTOCOL, "malformed control stream")
-            return
-        for frame in frames:
-            if isinstance(frame, Packet):
-                if self.lease is None:
-                    self.drops["not_established"] += 1
-                else:
-                    self.server.packet_from_client(self, frame.data)
-            elif isinstance(frame, Ping):
-                self.send_frame(Pong())
-            elif isinstance(frame, AuthRequest) and self.client_id is None:
-                self._authenticate(frame)
-            elif isinstance(frame, Pong):
-                pass
-            else:
-                self.close(CLOSE_PROTOCOL, f"unexpected {type(frame).__name__}")
-                return
+        received = self.control.stream_data(
+            event.stream_id, event.data, event.end_stream, trio.current_time()
+        )
+        if received.auth is not None:
+            self._authenticate(received.auth)
+        for packet in received.packets:
+            self.server.packet_from_client(self, packet)
+        if received.answer_ping:
+            self.send_frame(Pong())
+        if received.pings_ignored:
+            self.drops["pings_ignored"] += received.pings_ignored
 
     def _authenticate(self, request: AuthRequest) -> None:
         self.client_id, self.device_id = request.client_id, request.device_id
@@ -205,23 +245,26 @@ class ServerSession(Channel):
         limiter = self.server.auth_limiter
         # Keys for repeated failures: the source address, and this identity with this token
         # (hashed: tokens never stay in memory longer than needed, nor reach a log).
-        keys = (
-            ("source", self.remote[0]),
-            ("credentials", request.client_id, _digest(request.auth_token)),
-        )
+        digest = token_digest(request.auth_token) if request.auth_token is not None else b""
+        keys = (("source", self.remote[0]), ("credentials", request.client_id, digest))
         if any(limiter.blocked(key, now) for key in keys):
             self.server.rate_limited += 1
             self.close(CLOSE_RATE_LIMITED, "too many failed attempts, try again later")
             return
-        admission = self.server.authority.authorize(request, nonce=self.nonce, now=now)
+        try:
+            binding = connection_binding(self.quic)
+        except ValueError:
+            raise ProtocolViolation("AuthRequest before the handshake", CLOSE_PROTOCOL) from None
+        admission = self.server.admit(request, nonce=self.nonce, binding=binding, now=now)
         response: AuthResponse = admission.response
         self.send_frame(response)
         if not response.accepted:
-            self.server.auth_failures += 1
+            self.server.refused[response.reject_reason or "rejected"] += 1
             self.log.warning(
                 "rejected from %s: %s", format_address(self.remote), response.reject_reason
             )
             if admission.credentials_failed:
+                self.server.auth_failures += 1
                 for key in keys:
                     if limiter.failed(key, now):
                         self.log.warning(
@@ -230,13 +273,19 @@ class ServerSession(Channel):
                             if key[0] == "source"
                             else "this identity and token",
                         )
-            self.close(CLOSE_REJECTED, response.reject_reason or "rejected")
+            # The client learns why from the response; the close follows once it has it.
+            self.close_after_delivery(CLOSE_REJECTED, response.reject_reason or "rejected")
             return
+        self.token_digest = digest
+        self.control.established()
         self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload)
         self.lease = admission.lease
         assert self.lease is not None
         self.own_sources = frozenset(a.packed for a in self.lease.addresses)
         self.server.attach(self)
+        for ticket in self._tickets:
+            self.server.tickets.add(ticket)
+        self._tickets.clear()
         self.log.info(
             "session up from %s: %s (device %016x)",
             format_address(self.remote),
@@ -246,15 +295,60 @@ class ServerSession(Channel):
         self.established.set()
         self.handshake_over.set()
 
+    def revoke(self) -> None:
+        """The client's credentials no longer pass (SIGHUP): tell it on the control stream,
+        where only we can speak, then close."""
+        self.log.warning("credentials revoked: closing the session")
+        self.send_frame(AuthResponse(accepted=False, reject_reason=REASON_REVOKED))
+        self.close_after_delivery(CLOSE_REJECTED, REASON_REVOKED)
+
     def close(self, code: int, reason: str) -> None:
+        self.closing = True
         self.quic.close(error_code=code, reason_phrase=reason)
         self.mark_touched()
         self.handshake_over.set()
 
+    def close_after_delivery(self, code: int, reason: str) -> None:
+        """Close once the client has acknowledged everything on the control stream (aioquic's
+        close would discard it), or after LINGER: a client that withholds ACKs gains nothing."""
+        self.closing = True
+        self._close_after_delivery = (code, reason)
+        self.mark_touched()
+        self.handshake_over.set()
+        self._linger_requested.set()
+
+    def check_delivered(self) -> None:
+        """After a batch from the client (its ACKs among it): is our last word through?"""
+        if not stream_buffered(self.quic, CONTROL_STREAM):
+            self._delivered.set()
+
+    async def _linger(self, code: int, reason: str) -> None:
+        self.check_delivered()
+        with trio.move_on_after(LINGER):
+            await wait_any(self._delivered.wait, self.closed.wait)
+        if not self.closed.is_set() and not self.driver.failed:
+            self.close(code, reason)
+            self.driver.transmit()
+
+    async def _until_closed(self) -> None:
+        while not self.closed.is_set():
+            if self._close_after_delivery is not None:
+                await self._linger(*self._close_after_delivery)
+                await self.closed.wait()  # aioquic's close, its draining period over
+                return
+            await wait_any(self.closed.wait, self._linger_requested.wait)
+
     # -- lifetime -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Owns the session's tasks; returns when the connection has ended, cleaned up."""
+        """Owns the session's tasks; returns when the connection has ended, cleaned up. Never
+        raises: whatever goes wrong here ends this session only."""
+        try:
+            await self._run()
+        except Exception as exc:
+            self.driver.fail(exc)
+
+    async def _run(self) -> None:
         pending = True
         try:
             async with trio.open_nursery() as nursery:
@@ -270,7 +364,7 @@ class ServerSession(Channel):
                     )
                     self.close(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout")
                     self.driver.transmit()
-                await self.closed.wait()
+                await self._until_closed()
                 nursery.cancel_scope.cancel()
         finally:
             if pending:
@@ -320,7 +414,10 @@ class Server:
         self.tickets = TicketStore()
         self.reset_tokens = ResetTokens(identity.seed)
         self.resets_sent = 0
-        self._reset_budget = (0.0, 0)  # (second, resets sent in it)
+        self._reset_budget = TokenBucket(rate=MAX_RESETS_PER_SECOND, burst=MAX_RESETS_PER_SECOND)
+        self._negotiation_budget = TokenBucket(
+            rate=MAX_VERSION_NEGOTIATIONS_PER_SECOND, burst=MAX_VERSION_NEGOTIATIONS_PER_SECOND
+        )
         self.authority = _authority(config, identity)
         self.cids: dict[bytes, ServerSession] = {}
         self.routes: dict[bytes, ServerSession] = {}  # tunnel address (packed) -> session
@@ -329,6 +426,10 @@ class Server:
         self.drops = Drops()
         self.auth_failures = 0
         self.rate_limited = 0
+        self.refused: collections.Counter[str] = collections.Counter()  # by reason
+        self.sessions_failed = 0  # closed for an internal error
+        self.revoked = 0
+        self.protocol_violations = 0
         self.auth_limiter = FailureLimiter()
         self.retry = QuicRetryTokenHandler()
         self.retries_sent = 0
@@ -336,23 +437,25 @@ class Server:
         self.pending_by_source: collections.Counter[str] = collections.Counter()
         self.started_at = trio.current_time()
         self.lease_changed = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._sessions_nursery: trio.Nursery | None = None
         self.nat64, self.nat64_source, self.nat64_prefix = _nat64(config, self.authority)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the pumps (and every session under them) until cancelled."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.udp_pump, nursery)
-            nursery.start_soon(self.tun_pump)
-            nursery.start_soon(self.lease_reaper)
+        """Run the pumps, and every session in a nursery of their own, until cancelled."""
+        async with trio.open_nursery() as sessions, trio.open_nursery() as pumps:
+            # Sessions never raise (each is its own boundary), so nothing a client does can
+            # cancel the pumps; cancelling the pumps (shutdown) cancels the sessions too.
+            self._sessions_nursery = sessions
+            pumps.start_soon(self.udp_pump)
+            pumps.start_soon(self.tun_pump)
+            pumps.start_soon(self.lease_reaper)
             if self.nat64 is not None:
-                nursery.start_soon(self.nat64_reaper)
+                pumps.start_soon(self.nat64_reaper)
             task_status.started()
 
     # -- the UDP pump ---------------------------------------------------------------------------
 
-    async def udp_pump(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+    async def udp_pump(self) -> None:
         endpoint = self.endpoint
         tun = self.tun
         clock = trio.lowlevel.current_clock()
@@ -367,6 +470,8 @@ class Server:
             writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
+                if session._close_after_delivery is not None:
+                    session.check_delivered()
             if tun.writes != writes:
                 # The kernel answers some packets inside our write (an echo reply, a TCP ACK):
                 # take those now, into this batch's send, not after another scheduler round.
@@ -394,7 +499,11 @@ class Server:
             session.driver.receive(data, addr, now)
             return session
         if header.version is not None and header.version not in self.quic_config.supported_versions:
-            if header.packet_type != QuicPacketType.VERSION_NEGOTIATION:
+            if (
+                header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+                and len(data) >= SMALLEST_INITIAL
+                and self._negotiation_budget.take(now)
+            ):
                 self.endpoint.send(
                     encode_quic_version_negotiation(
                         source_cid=header.destination_cid,
@@ -432,6 +541,7 @@ class Server:
         elif self.pending_total >= RETRY_ABOVE:
             self._send_retry(header, addr, now)
             return None
+        tickets: list[SessionTicket] = []
         quic = tune(
             ResettableConnection(
                 reset_tokens=self.reset_tokens,
@@ -439,10 +549,10 @@ class Server:
                 original_destination_connection_id=original_cid,
                 retry_source_connection_id=retry_cid,
                 session_ticket_fetcher=self.tickets.pop,
-                session_ticket_handler=self.tickets.add,
+                session_ticket_handler=tickets.append,
             )
         )
-        session = ServerSession(self, quic, addr)
+        session = ServerSession(self, quic, addr, tickets)
         self.pending_by_source[source] += 1
         self.pending_total += 1
         self.cids[header.destination_cid] = session
@@ -450,23 +560,16 @@ class Server:
         self.sessions.add(session)
         session.driver.receive(data, addr, now)
         session.send_hello()
-        assert self._nursery is not None
-        self._nursery.start_soon(session.run)
+        assert self._sessions_nursery is not None
+        self._sessions_nursery.start_soon(session.run)
         return session
 
     def _send_stateless_reset(self, cid: bytes, size: int, addr: Any, now: float) -> None:
         """Tell a client of a connection we do not know (we restarted) that it is gone."""
-        second, sent = self._reset_budget
-        if int(now) != second:
-            second, sent = int(now), 0
-        if sent >= MAX_RESETS_PER_SECOND:
-            return
         packet = self.reset_tokens.reset_packet(cid, size)
-        if packet is not None:
+        if packet is not None and self._reset_budget.take(now):
             self.endpoint.send(packet, addr)
             self.resets_sent += 1
-            sent += 1
-        self._reset_budget = (second, sent)
 
     def _send_retry(self, header: Any, addr: Any, now: float) -> None:
         new_cid = secrets.token_bytes(8)
@@ -502,15 +605,16 @@ class Server:
         """Hot path: a packet arrived from ``session``'s client."""
         session.bytes_in += len(packet)
         session.packets_in += 1
-        version = packet[0] >> 4 if packet else 0
-        if version == 4 and len(packet) >= 20:
-            src, dst = packet[12:16], packet[16:20]
-        elif version == 6 and len(packet) >= 40:
-            src, dst = packet[8:24], packet[24:40]
-        else:
+        # Only the IP packet itself goes on, never bytes a client appended after it.
+        packet = clip_untrusted(packet)
+        if packet is None:
             session.drops["malformed"] += 1
             self.drops["malformed"] += 1
             return
+        if packet[0] >> 4 == 4:
+            version, src, dst = 4, packet[12:16], packet[16:20]
+        else:
+            version, src, dst = 6, packet[8:24], packet[24:40]
         if src not in session.own_sources:
             session.drops["spoofed_source"] += 1
             self.drops["spoofed_source"] += 1
@@ -656,7 +760,30 @@ class Server:
         self.authority.reload(
             tokens=TokenSet(fresh.auth_tokens), allowed_clients=fresh.allowed_clients
         )
-        log.info("SIGHUP: reloaded %d token(s) and allowed_clients", len(fresh.auth_tokens))
+        revoked = self.revoke_failing()
+        log.info(
+            "SIGHUP: reloaded %d token(s) and allowed_clients; %d session(s) revoked",
+            len(fresh.auth_tokens),
+            revoked,
+        )
+
+    def revoke_failing(self) -> int:
+        """Close every live session whose credentials the current policy no longer admits."""
+        revoked = 0
+        for session in list(self.sessions):
+            if session.lease is None or session.client_id is None or session.closing:
+                continue
+            assert session.token_digest is not None
+            if not self.authority.still_admits(session.client_id, session.token_digest):
+                session.revoke()
+                revoked += 1
+        self.revoked += revoked
+        self.flush()
+        return revoked
+
+    def admit(self, request: AuthRequest, *, nonce: bytes, binding: bytes, now: float) -> Admission:
+        """The authority's verdict on one request."""
+        return self.authority.authorize(request, nonce=nonce, binding=binding, now=now)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -670,6 +797,10 @@ class Server:
             "pending_handshakes": self.pending_total,
             "auth_failures": self.auth_failures,
             "rate_limited": self.rate_limited,
+            "refused": dict(self.refused),
+            "revoked": self.revoked,
+            "sessions_failed": self.sessions_failed,
+            "protocol_violations": self.protocol_violations,
             "retries_sent": self.retries_sent,
             "resets_sent": self.resets_sent,
             "drops": dict(self.drops)
@@ -710,6 +841,7 @@ def _nat64(config: ServerConfig, authority: Authority) -> tuple[Nat64 | None, by
         tcp_timeout=settings.tcp_timeout,
         udp_timeout=settings.udp_timeout,
         icmp_timeout=settings.icmp_timeout,
+        max_mappings_per_client=settings.max_mappings_per_client,
         mtu=config.mtu,
     )
     return translator, source.packed, settings.prefix.network_address.packed[:12]
@@ -721,6 +853,7 @@ def _authority(config: ServerConfig, identity: Identity) -> Authority:
         tokens=TokenSet(config.auth_tokens),
         allowed_clients=config.allowed_clients,
         max_clients=config.max_clients,
+        max_sessions_per_client=config.max_sessions_per_client,
         pool4=AddressPool(config.network, config.server_ip, key="network")
         if config.network is not None
         else None,

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from tunnel.core.readahead import ReadAhead
-from tunnel.errors import SystemSetupError
+from tunnel.errors import NameNotResolved, SystemSetupError
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECV_SIZE = 65535
@@ -31,7 +31,7 @@ async def resolve(host: str, port: int, *, key: str) -> tuple[int, Any]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
-        raise SystemSetupError(f"{key}: cannot resolve {host!r}: {exc.strerror}") from exc
+        raise NameNotResolved(f"{key}: cannot resolve {host!r}: {exc.strerror}") from exc
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
 

@@ -15,6 +15,9 @@ from typing import Any
 
 import trio
 
+from tunnel.core.netchange import NetworkChange
+from tunnel.core.underlay import Route
+
 Address = tuple[str, int]
 
 
@@ -159,6 +162,8 @@ class FakeHostChanges:
 
     def __init__(self) -> None:
         self.applied: list[tuple[Any, ...]] = []
+        self.moving: dict[str, Any] = {}
+        self.underlay: tuple[str | None, int | None] = ("192.0.2.254", 2)  # gateway, oif
         self.closed = False
 
     def bring_up(self, ifname: str, mtu: int) -> int:
@@ -178,11 +183,17 @@ class FakeHostChanges:
     ) -> None:
         self.applied.append(("route", str(network), ifname, via))
 
-    def route_to(self, address: Any) -> tuple[str | None, int | None]:
-        return "192.0.2.254", 2
+    def underlay_route_to(self, address: Any, *, avoid_oif: Any, avoid: Any) -> Any:
+        # The test moves the underlay by changing ``underlay``.
+        return Route(ipaddress.ip_network(f"{address}/{address.max_prefixlen}"), *self.underlay)
+
+    def set_route(self, key: str, route: Any) -> None:
+        self.moving[key] = route
+        self.applied.append(("set route", key, route))
 
     def undo(self) -> None:
         self.applied.clear()
+        self.moving.clear()
 
     def close(self) -> None:
         self.closed = True
@@ -197,6 +208,7 @@ class FakePlatform:
         self.host = host
         self.tuns: list[FakeTun] = []
         self.changes: list[FakeHostChanges] = []
+        self.monitor = FakeNetworkMonitor()
 
     async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -218,3 +230,27 @@ class FakePlatform:
         changes = FakeHostChanges()
         self.changes.append(changes)
         return changes
+
+    def network_monitor(self) -> FakeNetworkMonitor:
+        return self.monitor
+
+
+class FakeNetworkMonitor:
+    """The host's network changes as the test announces them with :meth:`announce`."""
+
+    def __init__(self) -> None:
+        self._inbox = _Inbox()
+        self.ignored: str | None = None
+
+    def announce(self, *changes: NetworkChange) -> None:
+        self._inbox.put(list(changes))
+
+    def ignore_interface(self, ifname: str | None) -> None:
+        self.ignored = ifname
+
+    async def wait_change(self) -> list[NetworkChange]:
+        await self._inbox.wait()
+        return [change for batch in self._inbox.take(1 << 30) for change in batch]
+
+    def close(self) -> None:
+        self._inbox.close()
