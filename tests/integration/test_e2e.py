@@ -28,15 +28,15 @@ import trio
 from tunnel.testing.netns import (
     Daemon,
     Netns,
-    bridge,
     cli_status,
     ip_json,
-    netns,
     open_daemon_nursery,
     run,
     start_daemon,
     tcp_transfer,
-    veth,
+)
+from tunnel.testing.netns import (
+    star as netns_star,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.transfer import expected_sha256
@@ -64,10 +64,9 @@ class Star:
 
 @pytest.fixture
 def star() -> Iterator[Star]:
-    with netns("srv") as srv, netns("cla") as cla, netns("clb") as clb:
-        va = veth(srv, cla, None, ["10.77.0.2/24", "fd77::2/64"])
-        vb = veth(srv, clb, None, ["10.77.0.3/24", "fd77::3/64"])
-        bridge(srv, [va.name_a, vb.name_a], ["10.77.0.1/24", "fd77::1/64"])
+    hub = ["10.77.0.1/24", "fd77::1/64"]
+    leaves = [["10.77.0.2/24", "fd77::2/64"], ["10.77.0.3/24", "fd77::3/64"]]
+    with netns_star("srv", ["cla", "clb"], hub, leaves) as (srv, (cla, clb)):
         yield Star(srv, cla, clb)
 
 
@@ -301,7 +300,8 @@ async def test_rejected_clients_exit_with_reason_and_server_keeps_serving(
     # Rejections by the verified server are permanent (100); another key on the path may be a
     # forgery, so a mismatch is temporary (111: here auto_reconnect is off, so it ends at once).
     cases = [
-        ("wrong-token", creds.b, {"auth_token": files.token()}, "Invalid authentication token", 100),
+        ("wrong-token", creds.b, {"auth_token": files.token()}, "Invalid authentication token",
+         100),
         ("unknown-client", stranger, {}, "client not allowed", 100),
         (
             "wrong-server-id",

@@ -33,14 +33,14 @@ from tunnel.errors import TunnelError
 from tunnel.testing.netns import (
     Daemon,
     Netns,
-    bridge,
     cli_status,
-    netns,
     open_daemon_nursery,
     run,
     start_daemon,
     tcp_transfer,
-    veth,
+)
+from tunnel.testing.netns import (
+    star as netns_star,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
 from tunnel.testing.transfer import expected_sha256
@@ -97,10 +97,8 @@ class Lan:
 
 @pytest.fixture
 def lan() -> Iterator[Lan]:
-    with netns("hps") as srv, netns("hpc") as cli, netns("hph") as hos:
-        to_client = veth(srv, cli, None, "10.77.0.2/24")
-        to_hostile = veth(srv, hos, None, "10.77.0.3/24")
-        bridge(srv, [to_client.name_a, to_hostile.name_a], "10.77.0.1/24")
+    leaves = ["10.77.0.2/24", "10.77.0.3/24"]
+    with netns_star("hps", ["hpc", "hph"], "10.77.0.1/24", leaves) as (srv, (cli, hos)):
         yield Lan(srv, cli, hos)
 
 

@@ -27,13 +27,13 @@ from tunnel.daemon.control import query_status
 from tunnel.testing.netns import (
     Daemon,
     Netns,
-    bridge,
     cli_status,
-    netns,
     open_daemon_nursery,
     run,
     start_daemon,
-    veth,
+)
+from tunnel.testing.netns import (
+    star as netns_star,
 )
 from tunnel.testing.netns import tunnel_cli as tunnel
 
@@ -57,10 +57,8 @@ class Star:
 
 @pytest.fixture
 def star() -> Iterator[Star]:
-    with netns("rvs") as srv, netns("rva") as cla, netns("rvb") as clb:
-        va = veth(srv, cla, None, "10.77.0.2/24")
-        vb = veth(srv, clb, None, "10.77.0.3/24")
-        bridge(srv, [va.name_a, vb.name_a], "10.77.0.1/24")
+    leaves = ["10.77.0.2/24", "10.77.0.3/24"]
+    with netns_star("rvs", ["rva", "rvb"], "10.77.0.1/24", leaves) as (srv, (cla, clb)):
         yield Star(srv, cla, clb)
 
 

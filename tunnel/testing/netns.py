@@ -288,6 +288,24 @@ def bridge(
     return name
 
 
+@contextlib.contextmanager
+def star(
+    hub_prefix: str,
+    leaf_prefixes: Sequence[str],
+    hub_addrs: str | Sequence[str],
+    leaf_addrs: Sequence[str | Sequence[str]],
+) -> Iterator[tuple[Netns, list[Netns]]]:
+    """A hub namespace whose bridge joins one veth to each leaf namespace: the LAN of a
+    server and its clients. ``leaf_addrs[i]`` addresses leaf ``i``; all are removed after."""
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(netns(hub_prefix))
+        leaves = [stack.enter_context(netns(prefix)) for prefix in leaf_prefixes]
+        pairs = zip(leaves, leaf_addrs, strict=True)
+        ports = [veth(hub, leaf, None, addrs).name_a for leaf, addrs in pairs]
+        bridge(hub, ports, hub_addrs)
+        yield hub, leaves
+
+
 # ---------------------------------------------------------------------------------------------
 # processes
 
