@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tunnel.config import RunOptions, client_config_from_dict, server_config_from_dict
 from tunnel.core.identity import Identity
-from tunnel.core.ippacket import build_ipv4_udp, build_ipv6_udp
+from tunnel.core.ippacket import build_ipv4_udp, build_ipv6_udp, internet_checksum
+from tunnel.core.messages import CLOSE_SHUTDOWN
 from tunnel.core.netchange import NetworkChange
 from tunnel.core.tokens import new_token
 from tunnel.core.underlay import Route
@@ -190,16 +191,49 @@ async def test_client_to_client_only_when_enabled(autojump_clock, c2c):
 
 async def test_packet_too_large_for_a_datagram_travels_on_the_stream(autojump_clock):
     network = FakeNetwork()
-    async with (
-        running_server(network, mtu=9000) as server,
-        running_client(network, "198.51.100.2", mtu=9000) as a,
-    ):
-        payload = bytes(range(256)) * 20
-        big = build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, payload)
-        assert len(big) > MAX_DATAGRAM_PAYLOAD
-        a.tun.inject(big)
-        await server.tun.wait_written(1)
-        assert server.tun.written[0] == big
+    with trio.fail_after(30):
+        async with (
+            running_server(network, mtu=9000) as server,
+            running_client(network, "198.51.100.2", mtu=9000) as a,
+        ):
+            payload = bytes(range(256)) * 20
+            # DF clear: the sender allows the packet to be cut, so it is carried whole.
+            big = may_fragment(build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, payload))
+            assert len(big) > MAX_DATAGRAM_PAYLOAD
+            a.tun.inject(big)
+            await server.tun.wait_written(1)
+            assert server.tun.written[0] == big
+
+
+async def test_a_packet_too_big_for_a_datagram_is_answered_with_the_size_that_fits(
+    autojump_clock,
+):
+    network = FakeNetwork()
+    with trio.fail_after(30):
+        async with (
+            running_server(network, mtu=9000) as server,
+            running_client(network, "198.51.100.2", mtu=9000) as a,
+        ):
+            # DF set (as TCP sends): the sender hears "fragmentation needed" from the server's
+            # tunnel address, and its path MTU discovery does the rest.
+            big = build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, bytes(5000))
+            a.tun.inject(big)
+            await a.tun.wait_written(1)
+            (error,) = a.tun.written
+            assert error[12:16] == v4("10.78.0.1") and error[16:20] == v4("10.78.0.2")
+            assert error[20:22] == b"\x03\x04"
+            assert int.from_bytes(error[26:28], "big") == a.session.max_datagram_payload
+            assert server.tun.written == []
+            assert a.drops["too_big"] == 1
+
+
+def may_fragment(packet: bytes) -> bytes:
+    """The IPv4 packet with DF clear (header checksum fixed)."""
+    raw = bytearray(packet)
+    raw[6] &= ~0x40
+    raw[10:12] = b"\x00\x00"
+    raw[10:12] = internet_checksum(bytes(raw[:20])).to_bytes(2, "big")
+    return bytes(raw)
 
 
 async def test_client_tunnel_port_traffic_is_not_sent_into_the_tunnel(autojump_clock):
@@ -789,6 +823,7 @@ async def running_client_and_restartable_server(network):
 # -- the host's network changing under the client ------------------------------------------------
 
 LINK_UP = NetworkChange("link", up=True, ifindex=2, ifname="eth0")
+SERVER_ROUTE_KEY = f"server {SERVER_ADDR[0]}"
 
 
 async def test_a_network_change_cuts_the_reconnect_backoff_short(autojump_clock):
@@ -845,20 +880,20 @@ async def _host_route_follows(network):
     ):
         host = a.host
         server_net = ipaddress.ip_network(f"{SERVER_ADDR[0]}/32")
-        assert host.moving["server"] == Route(server_net, "192.0.2.254", 2)
+        assert host.moving[SERVER_ROUTE_KEY] == Route(server_net, "192.0.2.254", 2)
         # The default gateway moves (another Wi-Fi, DHCP gave another router).
         host.underlay = ("192.0.2.253", 3)
         a.platform.monitor.announce(
             NetworkChange("route", up=True, ifindex=3, detail="0.0.0.0/0", table=254)
         )
-        await wait_for(lambda: host.moving["server"].gateway == "192.0.2.253")
-        assert host.moving["server"] == Route(server_net, "192.0.2.253", 3)
+        await wait_for(lambda: host.moving[SERVER_ROUTE_KEY].gateway == "192.0.2.253")
+        assert host.moving[SERVER_ROUTE_KEY] == Route(server_net, "192.0.2.253", 3)
         # A session lost and won back keeps the TUN device and every route all along: no
         # moment in which traffic could leave in the clear.
         network.policy = lambda data, src, dst: False
         await wait_for(lambda: a.state != "connected")
         assert ("route", "0.0.0.0/1", a.tun.name, None) in host.applied
-        assert host.moving["server"] == Route(server_net, "192.0.2.253", 3)
+        assert host.moving[SERVER_ROUTE_KEY] == Route(server_net, "192.0.2.253", 3)
         network.policy = lambda data, src, dst: True
         await wait_for(lambda: a.state == "connected")
         assert a.platform.tuns == [a.tun]
@@ -879,3 +914,39 @@ async def test_version_negotiation_only_for_full_size_datagrams_and_rate_limited
         answers = prober.receive_batch(1000)
         assert 1 <= len(answers) <= 100  # at most 100 a second
         assert answers[0][0][1:5] == bytes(4)  # version 0: Version Negotiation
+
+
+async def test_every_address_of_the_name_is_tried_and_a_dead_first_one_costs_a_moment(
+    autojump_clock,
+):
+    """Happy Eyeballs: the name's IPv6 address (first, as a broken IPv6 path looks) never
+    answers; the IPv4 one does. Connected about one attempt delay later, and again so on
+    every reconnect, never after a whole handshake timeout."""
+    network = FakeNetwork()
+    with trio.fail_after(120):
+        async with running_server(network) as server:
+            platform = FakePlatform(network, "198.51.100.2")
+            platform.names["vpn.test"] = ["2001:db8::dead", SERVER_ADDR[0]]
+            client = Client(
+                client_config(server=f"vpn.test:{SERVER_ADDR[1]}"),
+                Identity.generate(),
+                RunOptions(),
+                platform,
+            )
+            async with trio.open_nursery() as nursery:
+                began = trio.current_time()
+                nursery.start_soon(client.supervise)
+                await client.connected.wait()
+                assert trio.current_time() - began < 1.0  # the handshake timeout is 2 s
+                assert client.server_addr == SERVER_ADDR
+                # A server restart (stateless reset): back just as quickly.
+                for session in list(server.sessions):
+                    session.close(CLOSE_SHUTDOWN, "restart")
+                server.flush()
+                await wait_for(lambda: client.state != "connected")
+                lost = trio.current_time()
+                await wait_for(lambda: client.state == "connected")
+                assert trio.current_time() - lost < 2.5  # one backoff step, one delay
+                # Only the winner ever authenticated: one session on the server.
+                await wait_for(lambda: len([s for s in server.sessions if s.lease]) == 1)
+                nursery.cancel_scope.cancel()

@@ -36,10 +36,12 @@ from aioquic.quic.events import (
     StreamReset,
 )
 from aioquic.tls import SessionTicket
+from trio_util import wait_any
 
 from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.backoff import Backoff
 from tunnel.core.control import ClientControl
+from tunnel.core.eyeballs import attempt_delay
 from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import udp_ports_untrusted
 from tunnel.core.messages import (
@@ -56,6 +58,7 @@ from tunnel.core.messages import (
 )
 from tunnel.core.netchange import gains, matters
 from tunnel.core.underlay import Route
+from tunnel.daemon.connector import race
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
@@ -95,7 +98,7 @@ log = logging.getLogger("tunnel.client")
 
 UDP_BATCH = 64
 TUN_BATCH = 64
-SERVER_ROUTE = "server"  # the key of the host route to the server in HostChanges
+SERVER_ROUTE = "server"  # the keys of host routes to the server in HostChanges: "server IP"
 
 
 class GaveUp(TunnelError):
@@ -132,6 +135,8 @@ class ClientSession(Channel):
         self.tun: TunDevice | None = None
         self.own_addresses: frozenset[bytes] = frozenset()
         self.identity_verified = False
+        self.verified = trio.Event()
+        self.may_authenticate = False
         self.resumed = False
         self._unverified_ticket: SessionTicket | None = None
 
@@ -224,10 +229,11 @@ class ClientSession(Channel):
 
     def _identity_verified(self) -> None:
         self.identity_verified = True
+        self.verified.set()
         if self._unverified_ticket is not None:
             self.client.ticket = self._unverified_ticket
             self._unverified_ticket = None
-        if self._hello is not None:
+        if self._hello is not None and self.may_authenticate:
             self._answer_hello(self._hello)
 
     def _ticket_received(self, ticket: SessionTicket) -> None:
@@ -242,7 +248,7 @@ class ClientSession(Channel):
             event.stream_id, event.data, event.end_stream, trio.current_time()
         )
         if received.hello is not None:
-            if self.identity_verified:
+            if self.identity_verified and self.may_authenticate:
                 self._answer_hello(received.hello)
             else:
                 self._hello = received.hello
@@ -399,16 +405,32 @@ class ClientSession(Channel):
                 wake = min(wake, self.last_pong + rebind_after)
             await trio.sleep_until(wake)
 
-    async def connect(self) -> AuthResponse:
-        """QUIC handshake, identity check and tunnel handshake. Returns the accepted response."""
+    async def handshake(self) -> None:
+        """QUIC handshake and the server's identity checked; our credentials stay here until
+        :meth:`authenticate` (only the winner of a race of addresses may use them: the server
+        lets a device's newer session replace its older one)."""
         self.quic.connect(self.server_addr, now=trio.current_time())
         self.driver.transmit()
+        await wait_any(self.verified.wait, self.settled.wait)
+        self._raise_failure()
+
+    async def authenticate(self) -> AuthResponse | None:
+        """The tunnel handshake on a verified connection. Returns the accepted response, or
+        None when it failed: the task running this session raises that failure."""
+        self.may_authenticate = True
+        if self._hello is not None:
+            self._answer_hello(self._hello)
+            self._flush()
         await self.settled.wait()
         if self.failure is not None:
             self.driver.transmit()  # let a close we decided on reach the server
-            raise self.failure
-        assert self.response is not None
+            return None
         return self.response
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            self.driver.transmit()  # let a close we decided on reach the server
+            raise self.failure
 
     async def wait_ended(self) -> None:
         await self.ended.wait()
@@ -433,6 +455,15 @@ class ClientSession(Channel):
             "resumed": self.resumed,
             "rebinds": self.rebinds,
         }
+
+
+def _ip(address: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP of a socket address (a scope such as ``%eth0`` left off)."""
+    return ipaddress.ip_address(address[0].split("%", 1)[0])
+
+
+def _packed(address: Any) -> bytes:
+    return _ip(address).packed
 
 
 def _is_permanent(exc: BaseException) -> bool:
@@ -492,10 +523,14 @@ class Client:
         self.server_port = config.server_port
         self.tun_index: int | None = None
         self._tunnel_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self._server_route: Route | None = None  # the host route outside the tunnel, if any
+        # Host routes outside the tunnel, by server address, and the addresses we may use.
+        self._server_routes: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, Route] = {}
+        self._server_ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
         self.monitor: Any = None  # the NetworkMonitor while it runs
         self._network_gained = trio.Event()
-        self._attempt: trio.CancelScope | None = None
+        self._attempt_scope: trio.CancelScope | None = None
+        self._won_last: Any = None  # the address that won the last race: tried first next time
+        self._last_rtt: float | None = None
 
     async def supervise(self) -> None:
         """Connect, run the session, and on loss reconnect with backoff until told to stop.
@@ -516,13 +551,11 @@ class Client:
         backoff = Backoff()
         failures = 0
         while True:
-            session: ClientSession | None = None
             attempt = trio.CancelScope()
-            self._attempt = attempt
+            self._attempt_scope = attempt
             try:
                 with attempt:
-                    session = await self._open_session()
-                    await self._run_session(session)
+                    await self._open_session()
             except Exception as exc:
                 if _is_permanent(exc):
                     raise
@@ -535,10 +568,8 @@ class Client:
                 if not isinstance(exc, TunnelError):
                     log.debug("the failure in full", exc_info=exc)
             finally:
-                self._attempt = None
-                if session is not None:
-                    session.endpoint.close()
-                self.session = None
+                self._attempt_scope = None
+                session, self.session = self.session, None
             if attempt.cancelled_caught:
                 # The network changed under a handshake whose retransmissions may have been
                 # spent while the path was down: a fresh attempt, at once.
@@ -602,65 +633,107 @@ class Client:
                 self.session.probe()
         elif gained:
             self._network_gained.set()
-            if self._attempt is not None and self.state == "connecting":
-                self._attempt.cancel()
+            if self._attempt_scope is not None and self.state == "connecting":
+                self._attempt_scope.cancel()
 
-    async def _open_session(self) -> ClientSession:
-        family, addr = await self.platform.resolve(
-            self.config.server_host, self.config.server_port, key="server"
-        )
-        self.server_addr = addr
-        self.server_packed = ipaddress.ip_address(addr[0]).packed
-        # The name may point elsewhere now: outside the tunnel before the first packet.
-        self._keep_server_reachable()
-        endpoint = await self.platform.open_udp(
-            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
-        )
-        self.session = ClientSession(self, endpoint, addr)
+    async def _open_session(self) -> None:
+        """Resolve every address of the server and race handshakes to them (Happy Eyeballs);
+        the verified winner authenticates and runs. Returns never; raises SessionLost (or a
+        permanent error) when the session ends."""
         self.state = "connecting"
-        return self.session
-
-    async def _run_session(self, session: ClientSession) -> None:
-        """One session's nursery: returns never, raises SessionLost (or a permanent error)."""
+        candidates = await self.platform.resolve_all(
+            self.config.server_host, self.config.server_port, key="server", prefer=self._won_last
+        )
+        # Outside the tunnel before the first packet, for every address the race may try.
+        self._keep_server_reachable([address for _, address in candidates])
+        began = trio.current_time()
         with lone_errors_unwrapped():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.udp_pump)
-                nursery.start_soon(session.driver.run_timer)
-                began = trio.current_time()
+                won = await race(
+                    nursery, candidates, self._attempt, delay=attempt_delay(self._last_rtt)
+                )
+                session: ClientSession = won.value
+                self._won_last = won.candidate
+                self.session = session
+                self.server_addr = session.server_addr
+                self.server_packed = _packed(session.server_addr)
+                self._keep_server_reachable([session.server_addr])
+                left = self.config.handshake_timeout - (trio.current_time() - began)
                 try:
-                    with trio.fail_after(self.config.handshake_timeout):
-                        response = await session.connect()
+                    with trio.fail_after(max(left, 0.0)):
+                        response = await session.authenticate()
                 except trio.TooSlowError:
                     raise HandshakeTimeout(
                         f"no answer from {self.config.server_host}:{self.config.server_port} "
                         f"within {self.config.handshake_timeout:g} s"
                     ) from None
+                if response is not None:
+                    self._start_session(session, response, began, nursery)
+                await trio.sleep_forever()  # until the session's task raises its end
+
+    async def _attempt(
+        self, candidate: Any, *, task_status: trio.TaskStatus[ClientSession]
+    ) -> None:
+        """One address of the race: its own socket and connection; reports the session once
+        the server's identity is verified, then runs its pumps until the session ends."""
+        family, addr = candidate
+        endpoint = await self.platform.open_udp(
+            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
+        )
+        session = ClientSession(self, endpoint, addr)
+        try:
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(session.udp_pump)
+                pumps.start_soon(session.driver.run_timer)
                 try:
-                    self._apply(response)
-                    session.own_addresses = frozenset(
-                        a.packed
-                        for a in (response.assigned_ip, response.assigned_ip6)
-                        if a is not None
-                    )
-                    session.tun = self.tun
-                    self.state = "connected"
-                    self.session_started_at = trio.current_time()
-                    self.last_handshake = self.session_started_at - began
-                    log.info(
-                        "session up: %s via %s (handshake %.1f ms%s)",
-                        ", ".join(self.addresses()),
-                        self.tun.name if self.tun else "-",
-                        self.last_handshake * 1000,
-                        ", resumed" if session.resumed else "",
-                    )
-                    if not self.connected.is_set():
-                        self.connected.set()
-                        notify_ready(self.options.ready_fd)
-                    nursery.start_soon(session.tun_pump, self.tun)
-                    nursery.start_soon(session.heartbeat)
-                    await session.wait_ended()
-                finally:
-                    session.close()
+                    with trio.fail_after(self.config.handshake_timeout):
+                        await session.handshake()
+                except trio.TooSlowError:
+                    raise HandshakeTimeout(
+                        f"no answer from {format_address(addr)} "
+                        f"within {self.config.handshake_timeout:g} s"
+                    ) from None
+                task_status.started(session)
+                await session.wait_ended()
+        finally:
+            session.close()
+            session.endpoint.close()
+            if self.session is session:
+                self._last_rtt = smoothed_rtt(session.quic)
+
+    def _start_session(
+        self,
+        session: ClientSession,
+        response: AuthResponse,
+        began: float,
+        nursery: trio.Nursery,
+    ) -> None:
+        """The server accepted us: TUN device, addresses and routes, then the data pumps."""
+        self._apply(response)
+        session.own_addresses = frozenset(
+            a.packed for a in (response.assigned_ip, response.assigned_ip6) if a is not None
+        )
+        session.tun = self.tun
+        # What our applications send too big for the path: told so from the server.
+        session.deliver_local = self.tun.write if self.tun else None
+        session.icmp_source4 = response.server_ip.packed if response.server_ip else None
+        session.icmp_source6 = response.server_ip6.packed if response.server_ip6 else None
+        self.state = "connected"
+        self.session_started_at = trio.current_time()
+        self.last_handshake = self.session_started_at - began
+        log.info(
+            "session up: %s via %s to %s (handshake %.1f ms%s)",
+            ", ".join(self.addresses()),
+            self.tun.name if self.tun else "-",
+            format_address(session.server_addr),
+            self.last_handshake * 1000,
+            ", resumed" if session.resumed else "",
+        )
+        if not self.connected.is_set():
+            self.connected.set()
+            notify_ready(self.options.ready_fd)
+        nursery.start_soon(session.tun_pump, self.tun)
+        nursery.start_soon(session.heartbeat)
 
     def _apply(self, response: AuthResponse) -> None:
         """Create the TUN device and routes on the first session; update addresses later."""
@@ -678,7 +751,7 @@ class Client:
         else:
             # The server gave us other addresses (our lease expired): swap them.
             self.host.undo()
-            self._server_route = None
+            self._server_routes.clear()
             self._add_addresses(response)
             self._add_routes(response)
         self.response = response
@@ -706,35 +779,43 @@ class Client:
             for half in halves:
                 self.host.add_route(half, ifname=self.tun.name)
 
-    def _keep_server_reachable(self) -> None:
-        """Full tunnel: keep one host route to the server outside the tunnel, through whatever
-        reaches it now: the underlay may have moved (another gateway or interface) and the
-        name may resolve to another address. Off when the tunnel's routes miss the server."""
-        if self.tun is None or self.server_addr is None:
+    def _keep_server_reachable(self, addresses: list[Any] | None = None) -> None:
+        """Full tunnel: keep a host route outside the tunnel to each server address we may
+        use (every candidate during a race, then the winner's), through whatever reaches it
+        now: the underlay may have moved (another gateway or interface), the name may resolve
+        elsewhere. None: the addresses of last time. Nothing where the tunnel's routes miss
+        the server."""
+        if addresses is not None:
+            self._server_ips = {_ip(address) for address in addresses}
+        if self.tun is None:
             return
-        server_ip = ipaddress.ip_address(self.server_addr[0])
-        if not any(server_ip in n for n in self._tunnel_routes if n.version == server_ip.version):
-            if self._server_route is not None:
-                self.host.set_route(SERVER_ROUTE, None)
-                self._server_route = None
-            return
-        underlay = self.host.underlay_route_to(
-            server_ip, avoid_oif=self.tun_index, avoid=self._server_route
-        )
-        if underlay is None:
-            log.warning("no route to the server %s outside the tunnel", server_ip)
-            return
-        host_net = ipaddress.ip_network(f"{server_ip}/{server_ip.max_prefixlen}")
-        wanted = Route(host_net, underlay.gateway, underlay.oif)
-        if wanted != self._server_route:
-            self.host.set_route(SERVER_ROUTE, wanted)
-            self._server_route = wanted
-            log.info(
-                "server %s reached outside the tunnel%s (interface %s)",
-                server_ip,
-                f" via {wanted.gateway}" if wanted.gateway else "",
-                wanted.oif,
+        wanted_ips = {
+            ip
+            for ip in self._server_ips
+            if any(ip in net for net in self._tunnel_routes if net.version == ip.version)
+        }
+        for ip in list(self._server_routes):
+            if ip not in wanted_ips:
+                self.host.set_route(f"{SERVER_ROUTE} {ip}", None)
+                del self._server_routes[ip]
+        for ip in wanted_ips:
+            current = self._server_routes.get(ip)
+            underlay = self.host.underlay_route_to(ip, avoid_oif=self.tun_index, avoid=current)
+            if underlay is None:
+                log.warning("no route to the server %s outside the tunnel", ip)
+                continue
+            wanted = Route(
+                ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"), underlay.gateway, underlay.oif
             )
+            if wanted != current:
+                self.host.set_route(f"{SERVER_ROUTE} {ip}", wanted)
+                self._server_routes[ip] = wanted
+                log.info(
+                    "server %s reached outside the tunnel%s (interface %s)",
+                    ip,
+                    f" via {wanted.gateway}" if wanted.gateway else "",
+                    wanted.oif,
+                )
 
     def addresses(self) -> list[str]:
         r = self.response

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunnel.daemon.connector import resolve_all
 from tunnel.daemon.netlink import HostChanges
 from tunnel.daemon.netmonitor import NetworkMonitor
 from tunnel.daemon.tun import TunDevice
@@ -20,6 +21,11 @@ class Platform:
 
     async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
         return await resolve(host, port, key=key)
+
+    async def resolve_all(
+        self, host: str, port: int, *, key: str, prefer: Any = None
+    ) -> list[tuple[int, Any]]:
+        return await resolve_all(host, port, key=key, prefer=prefer)
 
     async def open_udp(
         self, host: str, port: int, *, key: str, family: int | None = None

@@ -138,6 +138,9 @@ class ServerSession(Channel):
         self.remote = remote
         self.driver = QuicDriver(quic, server.endpoint.send_batch, self._handle_event, self._failed)
         self.control = ServerControl()
+        # Packets from the internet too big for this client's datagrams: told so from us.
+        self.deliver_local = server.tun.write
+        self.icmp_source4, self.icmp_source6 = server.tunnel_addresses
         self.nonce = secrets.token_bytes(32)
         self.client_id: bytes | None = None
         self.device_id: int | None = None
@@ -439,6 +442,11 @@ class Server:
         self.lease_changed = trio.Event()
         self._sessions_nursery: trio.Nursery | None = None
         self.nat64, self.nat64_source, self.nat64_prefix = _nat64(config, self.authority)
+        pool4, pool6 = self.authority.pool4, self.authority.pool6
+        self.tunnel_addresses = (
+            pool4.server_ip.packed if pool4 is not None else None,
+            pool6.server_ip.packed if pool6 is not None else None,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the pumps, and every session in a nursery of their own, until cancelled."""
@@ -654,7 +662,7 @@ class Server:
             if session is None:
                 self.drops["no_route"] += 1
             else:
-                session.send_packet(translated)
+                session.send_packet(translated, may_answer=False)
 
     async def tun_pump(self) -> None:
         tun = self.tun

@@ -1,7 +1,8 @@
 """What server and client sessions share: the data channel over one QUIC connection.
 
-A :class:`Channel` sends IP packets as QUIC DATAGRAM frames (or framed on stream 0 when they do
-not fit a datagram), keeps its own bounds on what waits to be sent (datagrams, and stream bytes
+A :class:`Channel` sends IP packets as QUIC DATAGRAM frames; one that does not fit a datagram
+gets "packet too big" back to its sender where the sender can act on it, and is otherwise
+framed on stream 0. It keeps its own bounds on what waits to be sent (datagrams, and stream bytes
 a peer may never acknowledge), and counts what it moves and what it drops.
 """
 
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
+import trio
 from aioquic.quic.connection import QuicConnection
 
 from tunnel.core.control import CONTROL_STREAM
+from tunnel.core.icmp import packet_too_big_untrusted
 from tunnel.core.messages import FRAME_PACKET, encode_frame
+from tunnel.core.ratelimit import TokenBucket
 from tunnel.daemon.quic import QuicDriver, stream_buffered
 
 # Datagrams waiting inside aioquic (congestion-limited) beyond this are dropped, not queued:
@@ -22,6 +27,10 @@ MAX_QUEUED_DATAGRAMS = 256
 # Bytes on the control stream not yet acknowledged beyond this: packets and pongs are dropped.
 # A peer that withholds flow-control credit (or ACKs) would otherwise make us buffer forever.
 MAX_STREAM_BUFFER = 256 * 1024
+# "Packet too big" answers to inner senders, per channel: enough for every flow to learn the
+# size once, never a flood (RFC 4443 2.4(f) asks for a limit).
+TOO_BIG_RATE = 10.0
+TOO_BIG_BURST = 20.0
 
 
 class Drops(collections.Counter[str]):
@@ -48,9 +57,18 @@ class Channel:
         # Channels with something queued, shared by everything one pump flushes: a flush costs
         # the channels that have work, not every channel there is.
         self.touched = touched
+        # Where a "packet too big" goes (the local TUN device) and the tunnel addresses it
+        # comes from (the server's); until the owner sets them, oversize packets take the
+        # stream.
+        self.deliver_local: Callable[[bytes], object] | None = None
+        self.icmp_source4: bytes | None = None
+        self.icmp_source6: bytes | None = None
+        self._too_big_budget = TokenBucket(rate=TOO_BIG_RATE, burst=TOO_BIG_BURST)
 
-    def send_packet(self, packet: bytes) -> None:
-        """Queue one IP packet to the peer. Call ``driver.transmit()`` after a batch."""
+    def send_packet(self, packet: bytes, *, may_answer: bool = True) -> None:
+        """Queue one IP packet to the peer. Call ``driver.transmit()`` after a batch.
+        ``may_answer=False``: the packet's sender cannot hear "packet too big" (it is the
+        NAT64 translator's output), so an oversize one always takes the stream."""
         size = len(packet)
         if size <= self.max_datagram_payload:
             # aioquic's own queue is private and unbounded: we read its length to bound it.
@@ -58,6 +76,8 @@ class Channel:
                 self.drops["queue_full"] += 1
                 return
             self.quic.send_datagram_frame(packet)
+        elif may_answer and self._answered_too_big(packet):
+            return
         elif not self._write_control(bytes((FRAME_PACKET,)) + size.to_bytes(4, "big") + packet):
             # Too large for one datagram, and the stream it would take is full or gone.
             self.drops["stream_full"] += 1
@@ -65,6 +85,23 @@ class Channel:
         self.bytes_out += size
         self.packets_out += 1
         self.touched.add(self)
+
+    def _answered_too_big(self, packet: bytes) -> bool:
+        """A packet that does not fit a datagram and whose sender can be told so (IPv4 with
+        DF, IPv6 above 1280) gets "packet too big" with the size that fits, so its path MTU
+        discovery adapts instead of every packet crawling over the stream. True if it was
+        answered (or dropped for the answer's budget)."""
+        if self.deliver_local is None:
+            return False
+        error = packet_too_big_untrusted(
+            packet, self.max_datagram_payload, self.icmp_source4, self.icmp_source6
+        )
+        if error is None:
+            return False
+        self.drops["too_big"] += 1
+        if self._too_big_budget.take(trio.current_time()):
+            self.deliver_local(error)
+        return True
 
     def send_frame(self, frame: object) -> bool:
         """Queue a control frame; False if it was dropped (the stream is full or gone)."""

@@ -15,8 +15,10 @@ from typing import Any
 
 import trio
 
+from tunnel.core.eyeballs import order_addresses
 from tunnel.core.netchange import NetworkChange
 from tunnel.core.underlay import Route
+from tunnel.errors import NameNotResolved
 
 Address = tuple[str, int]
 
@@ -209,10 +211,25 @@ class FakePlatform:
         self.tuns: list[FakeTun] = []
         self.changes: list[FakeHostChanges] = []
         self.monitor = FakeNetworkMonitor()
+        self.names: dict[str, list[str]] = {}  # host name -> addresses, for resolve_all
 
     async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         return family, (host, port)
+
+    async def resolve_all(
+        self, host: str, port: int, *, key: str, prefer: Any = None
+    ) -> list[tuple[int, Any]]:
+        """A literal gives itself; a name, the addresses the test put in ``names`` (IPv6 as
+        2-tuples: the fake network knows no flow labels or scopes)."""
+        listed = self.names.get(host, [host])
+        infos = [
+            (socket.AF_INET6 if ipaddress.ip_address(a).version == 6 else socket.AF_INET, (a, port))
+            for a in listed
+        ]
+        if not infos:
+            raise NameNotResolved(f"{key}: cannot resolve {host!r}: no such name")
+        return order_addresses(infos, prefer=prefer)
 
     async def open_udp(
         self, host: str, port: int, *, key: str, family: int | None = None
