@@ -201,3 +201,63 @@ async def test_server_name_stops_resolving_during_a_reconnect(
             assert after["sessions"][0]["remote"].startswith(SERVER_IP), after
             assert client.returncode is None, client.describe()
             assert "Traceback" not in client.log, client.describe()
+
+
+DEAD_IPV6 = "fd77::99"  # on the link, but nobody has it: its handshake goes unanswered
+
+
+async def test_a_name_whose_first_address_is_dead_connects_through_the_next(
+    world: World, files: TunnelFiles
+) -> None:
+    """The name lists an IPv6 address first that never answers (as a broken IPv6 path
+    looks) and the server's IPv4 address second: Happy Eyeballs connects through the second
+    well within one handshake timeout, and again after a reconnect."""
+    await run(world.client, ["ip", "-6", "addr", "add", "fd77::2/64", "dev", "lo"])
+    rewrite_in_place(
+        world.hosts, f"127.0.0.1 localhost\n{DEAD_IPV6} {SERVER_NAME}\n{SERVER_IP} {SERVER_NAME}\n"
+    )
+    server_key, client_key, token = files.key("server"), files.key("client"), files.token()
+    server_config = files.server_config(
+        key_file=server_key.path, auth_tokens=[token], listen=f"{SERVER_IP}:{PORT}"
+    )
+    client_config = files.client_config(
+        "client",
+        server=f"{SERVER_NAME}:{PORT}",
+        server_id=server_key.public_id,
+        auth_token=token,
+        key_file=client_key.path,
+        auto_reconnect=True,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        handshake_timeout=10.0,  # the default: a client that waited it out would show
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            server = await start_server(nursery, world, server_config)
+            started = time.monotonic()
+            client = await start_daemon(
+                nursery, world.client,
+                tunnel("client", "--config", str(client_config), "--log-level", "debug"),
+                name="client",
+            )  # fmt: skip
+            took = time.monotonic() - started
+            print(f"\nconnected {took:.2f} s after the start (handshake timeout 10 s)")
+            assert took < 5.0, client.describe()
+            # The dead address was tried first, and lost the race.
+            assert any(DEAD_IPV6 in line for line in client.stderr_lines), client.describe()
+            status = await cli_status(files.socket("client"))
+            assert status["sessions"][0]["remote"].startswith(SERVER_IP), status
+            await ping(world.client, SERVER_TUN4)
+            # A server restart: the client is back as quickly (the winner goes first now).
+            server.terminate()
+            assert await server.wait() == 0, server.describe()
+            lost = time.monotonic()
+            server = await start_server(nursery, world, server_config)
+
+            async def connected() -> bool:
+                return (await query_status(files.socket("client")))["state"] == "connected"
+
+            await wait_for(connected, "the client to reconnect", 20, client)
+            print(f"reconnected {time.monotonic() - lost:.2f} s after the server stopped")
+            await ping(world.client, SERVER_TUN4)
+            assert "Traceback" not in client.log, client.describe()

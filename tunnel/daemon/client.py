@@ -677,6 +677,7 @@ class Client:
         """One address of the race: its own socket and connection; reports the session once
         the server's identity is verified, then runs its pumps until the session ends."""
         family, addr = candidate
+        log.debug("handshake with %s", format_address(addr))
         endpoint = await self.platform.open_udp(
             "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
         )
