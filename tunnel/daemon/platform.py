@@ -28,9 +28,17 @@ class Platform:
         return await resolve_all(host, port, key=key, prefer=prefer)
 
     async def open_udp(
-        self, host: str, port: int, *, key: str, family: int | None = None
+        self,
+        host: str,
+        port: int,
+        *,
+        key: str,
+        family: int | None = None,
+        reply_from_target: bool = False,
     ) -> UdpEndpoint:
-        return await UdpEndpoint.bind(host, port, key=key, family=family)
+        return await UdpEndpoint.bind(
+            host, port, key=key, family=family, reply_from_target=reply_from_target
+        )
 
     def open_tun(self, name: str) -> TunDevice:
         return TunDevice(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -136,7 +137,11 @@ class ServerSession(Channel):
         super().__init__(quic, Drops(), server.touched)
         self.server = server
         self.remote = remote
-        self.driver = QuicDriver(quic, server.endpoint.send_batch, self._handle_event, self._failed)
+        # Every answer leaves from the address the client sent its first packet to: a client
+        # drops packets from any other (a secondary address, a floating IP).
+        self.source = server.source
+        send = functools.partial(server.endpoint.send_batch, source=self.source)
+        self.driver = QuicDriver(quic, send, self._handle_event, self._failed)
         self.control = ServerControl()
         # Packets from the internet too big for this client's datagrams: told so from us.
         self.deliver_local = server.tun.write
@@ -441,6 +446,9 @@ class Server:
         self.started_at = trio.current_time()
         self.lease_changed = trio.Event()
         self._sessions_nursery: trio.Nursery | None = None
+        # The local address the datagram being handled was sent to (None: the socket's own):
+        # what answers to it (new sessions, Retry, resets, Version Negotiation) leave from.
+        self.source: Any = None
         self.nat64, self.nat64_source, self.nat64_prefix = _nat64(config, self.authority)
         pool4, pool6 = self.authority.pool4, self.authority.pool6
         self.tunnel_addresses = (
@@ -471,7 +479,7 @@ class Server:
             await endpoint.wait_readable()
             now = clock.current_time()
             received: set[ServerSession] = set()
-            for data, addr in endpoint.receive_batch(UDP_BATCH):
+            for data, addr, self.source in endpoint.receive_batch_with_local(UDP_BATCH):
                 session = self._route_datagram(data, addr, now)
                 if session is not None:
                     received.add(session)
@@ -519,6 +527,7 @@ class Server:
                         supported_versions=self.quic_config.supported_versions,
                     ),
                     addr,
+                    self.source,
                 )
             return None
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_INITIAL:
@@ -576,7 +585,7 @@ class Server:
         """Tell a client of a connection we do not know (we restarted) that it is gone."""
         packet = self.reset_tokens.reset_packet(cid, size)
         if packet is not None and self._reset_budget.take(now):
-            self.endpoint.send(packet, addr)
+            self.endpoint.send(packet, addr, self.source)
             self.resets_sent += 1
 
     def _send_retry(self, header: Any, addr: Any, now: float) -> None:
@@ -596,6 +605,7 @@ class Server:
                 retry_token=token,
             ),
             addr,
+            self.source,
         )
         self.retries_sent += 1
 
@@ -913,7 +923,9 @@ async def run_server(
         host_changes = platform.host_changes()
         undo.callback(host_changes.close)
         undo.callback(host_changes.undo)
-        endpoint = await platform.open_udp(config.listen_host, config.listen_port, key="listen")
+        endpoint = await platform.open_udp(
+            config.listen_host, config.listen_port, key="listen", reply_from_target=True
+        )
         undo.callback(endpoint.close)
         server = Server(config, identity, endpoint, tun, options.config_path)
         host_changes.bring_up(tun.name, config.mtu)

@@ -98,12 +98,16 @@ class FakeEndpoint:
     def receive_batch(self, limit: int) -> list[tuple[bytes, Address]]:
         return self.inbox.take(limit)
 
-    def send(self, data: bytes, addr: Address) -> None:
+    def receive_batch_with_local(self, limit: int) -> list[tuple[bytes, Address, None]]:
+        # One address per fake endpoint: nothing to choose between.
+        return [(data, addr, None) for data, addr in self.inbox.take(limit)]
+
+    def send(self, data: bytes, addr: Address, source: Any = None) -> None:
         if self.inbox.closed:
             return
         self.network.deliver(bytes(data), self.local_address, addr)
 
-    def send_batch(self, datagrams: list[tuple[bytes, Address]]) -> None:
+    def send_batch(self, datagrams: list[tuple[bytes, Address]], source: Any = None) -> None:
         for data, addr in datagrams:
             self.send(data, addr)
 
@@ -232,7 +236,13 @@ class FakePlatform:
         return order_addresses(infos, prefer=prefer)
 
     async def open_udp(
-        self, host: str, port: int, *, key: str, family: int | None = None
+        self,
+        host: str,
+        port: int,
+        *,
+        key: str,
+        family: int | None = None,
+        reply_from_target: bool = False,
     ) -> FakeEndpoint:
         if host in ("", "::", "0.0.0.0"):
             host = self.host
