@@ -99,6 +99,17 @@ class _Endpoint:
             raise _violation(f"{stream} stream finished by peer")
         return frames
 
+    def _data_frame(self, frame: object, received: Received, now: float) -> None:
+        """What an established connection carries on the control stream, both ways."""
+        if isinstance(frame, Packet):
+            received.packets.append(frame.data)
+        elif isinstance(frame, Ping):
+            self._ping(received, now)
+        elif isinstance(frame, Pong):
+            received.pong_seen = True
+        else:
+            raise _violation(f"unexpected {type(frame).__name__}")
+
     def _ping(self, received: Received, now: float) -> None:
         if received.answer_ping or self._pongs.take(now):
             received.answer_ping = True
@@ -128,14 +139,8 @@ class ServerControl(_Endpoint):
                 # Nothing but the request before we said yes (the frames after a request in
                 # the same batch come before our answer, too).
                 raise _violation(f"{type(frame).__name__} before authentication")
-            elif isinstance(frame, Packet):
-                received.packets.append(frame.data)
-            elif isinstance(frame, Ping):
-                self._ping(received, now)
-            elif isinstance(frame, Pong):
-                received.pong_seen = True
             else:
-                raise _violation(f"unexpected {type(frame).__name__}")
+                self._data_frame(frame, received, now)
         return received
 
     def established(self) -> None:
@@ -183,14 +188,8 @@ class ClientControl(_Endpoint):
                     return received  # rejected or revoked: nothing after it matters
             elif self.phase is not Phase.ESTABLISHED:
                 raise _violation(f"{type(frame).__name__} before the AuthResponse")
-            elif isinstance(frame, Packet):
-                received.packets.append(frame.data)
-            elif isinstance(frame, Ping):
-                self._ping(received, now)
-            elif isinstance(frame, Pong):
-                received.pong_seen = True
             else:
-                raise _violation(f"unexpected {type(frame).__name__}")
+                self._data_frame(frame, received, now)
         return received
 
     def request_sent(self) -> None:
