@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 import trio
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import END_STATES, QuicConnection
 
 from tunnel.core.control import CONTROL_STREAM
 from tunnel.core.icmp import packet_too_big_untrusted
@@ -112,7 +112,13 @@ class Channel:
         return True
 
     def _write_control(self, data: bytes) -> bool:
-        if self.driver.failed or stream_buffered(self.quic, CONTROL_STREAM) > MAX_STREAM_BUFFER:
+        quic = self.quic
+        if (
+            self.driver.failed
+            or quic._close_pending  # we are closing it (a violation): nothing more to say
+            or quic._state in END_STATES
+            or stream_buffered(quic, CONTROL_STREAM) > MAX_STREAM_BUFFER
+        ):
             return False
         try:
             self.quic.send_stream_data(CONTROL_STREAM, data)
