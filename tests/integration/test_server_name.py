@@ -124,9 +124,8 @@ async def start_server(nursery: trio.Nursery, world: World, config: Any) -> Daem
     return await start_daemon(nursery, world.server, argv, name="server")
 
 
-async def test_server_name_stops_resolving_during_a_reconnect(
-    world: World, files: TunnelFiles
-) -> None:
+def configs(files: TunnelFiles, handshake_timeout: float) -> tuple[Any, Any]:
+    """A server on SERVER_IP and a client that names it SERVER_NAME, short heartbeats."""
     server_key, client_key, token = files.key("server"), files.key("client"), files.token()
     server_config = files.server_config(
         key_file=server_key.path, auth_tokens=[token], listen=f"{SERVER_IP}:{PORT}"
@@ -140,8 +139,15 @@ async def test_server_name_stops_resolving_during_a_reconnect(
         auto_reconnect=True,
         heartbeat_interval=HEARTBEAT_INTERVAL,
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        handshake_timeout=HANDSHAKE_TIMEOUT,
+        handshake_timeout=handshake_timeout,
     )
+    return server_config, client_config
+
+
+async def test_server_name_stops_resolving_during_a_reconnect(
+    world: World, files: TunnelFiles
+) -> None:
+    server_config, client_config = configs(files, HANDSHAKE_TIMEOUT)
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
             server = await start_server(nursery, world, server_config)
@@ -216,21 +222,8 @@ async def test_a_name_whose_first_address_is_dead_connects_through_the_next(
     rewrite_in_place(
         world.hosts, f"127.0.0.1 localhost\n{DEAD_IPV6} {SERVER_NAME}\n{SERVER_IP} {SERVER_NAME}\n"
     )
-    server_key, client_key, token = files.key("server"), files.key("client"), files.token()
-    server_config = files.server_config(
-        key_file=server_key.path, auth_tokens=[token], listen=f"{SERVER_IP}:{PORT}"
-    )
-    client_config = files.client_config(
-        "client",
-        server=f"{SERVER_NAME}:{PORT}",
-        server_id=server_key.public_id,
-        auth_token=token,
-        key_file=client_key.path,
-        auto_reconnect=True,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        handshake_timeout=10.0,  # the default: a client that waited it out would show
-    )
+    # the default timeout: a client that waited it out would show
+    server_config, client_config = configs(files, 10.0)
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
             server = await start_server(nursery, world, server_config)
