@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 import tunnel.daemon.quic as quic_module
 from tunnel.core.identity import Identity
 from tunnel.core.messages import CLOSE_INTERNAL
+from tunnel.daemon.pmtu_probe import set_datagram_size
 from tunnel.daemon.quic import (
+    INITIAL_DATAGRAM_SIZE,
+    MAX_DATAGRAM_SIZE,
     QuicDriver,
     Received,
     _datagram_frames,
@@ -33,7 +36,11 @@ from tunnel.daemon.quic import (
 CLIENT, SERVER = ("198.51.100.2", 5000), ("192.0.2.1", 4433)
 
 
-def connected_pair() -> tuple[QuicConnection, QuicConnection, list[float]]:
+def connected_pair(
+    datagram_size: int | None = MAX_DATAGRAM_SIZE,
+) -> tuple[QuicConnection, QuicConnection, list[float]]:
+    """Two connected peers; ``datagram_size`` is what both then send (what path MTU discovery
+    finds on a 1500-byte path, by default; None: the 1200 bytes every connection starts at)."""
     now = [0.0]
     client = tune(QuicConnection(configuration=client_configuration()))
     client.connect(SERVER, now=now[0])
@@ -53,6 +60,15 @@ def connected_pair() -> tuple[QuicConnection, QuicConnection, list[float]]:
         exchange(client, server, CLIENT, now[0])
     drain(client)
     drain(server)
+    if datagram_size is not None:
+        for quic in (client, server):
+            set_datagram_size(quic, datagram_size)
+            # The window of a connection that had this size from the start (RFC 9002 7.2).
+            loss = quic._loss
+            window = loss._cc.congestion_window * datagram_size // INITIAL_DATAGRAM_SIZE
+            loss._cc.congestion_window = max(loss._cc.congestion_window, window)
+            loss._pacer.update_rate(loss._cc.congestion_window, loss._rtt_smoothed)
+            loss._pacer.bucket_time = loss._pacer.bucket_max
     return client, server, now
 
 

@@ -214,8 +214,10 @@ async def test_a_packet_too_big_for_a_datagram_is_answered_with_the_size_that_fi
             running_server(network, mtu=9000) as server,
             running_client(network, "198.51.100.2", mtu=9000) as a,
         ):
-            # DF set (as TCP sends): the sender hears "fragmentation needed" from the server's
-            # tunnel address, and its path MTU discovery does the rest.
+            # Once the tunnel knows its path's size (no answer before: it could be too low)...
+            await wait_for(lambda: not a.session.path_mtu.searching)
+            # ...DF set (as TCP sends): the sender hears "fragmentation needed" from the
+            # server's tunnel address, and its path MTU discovery does the rest.
             big = build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.1"), 1, 2, bytes(5000))
             a.tun.inject(big)
             await a.tun.wait_written(1)

@@ -288,10 +288,11 @@ def handshake_over(largest: int, size: int | None) -> bool:
 
 
 def test_at_the_base_size_from_the_start_a_handshake_fits_a_1280_byte_path():
-    # aioquic pads Initial datagrams to its max_datagram_size: configured at 1452, the
-    # handshake itself never gets through a 1280-byte IPv6 path.
-    assert not handshake_over(1232, None)
+    # aioquic pads Initial datagrams to its max_datagram_size: at 1452, the handshake itself
+    # never gets through a 1280-byte IPv6 path. Our configurations start at the base.
+    assert not handshake_over(1232, MAX_DATAGRAM_SIZE)
     assert handshake_over(1232, BASE_SIZE)
+    assert handshake_over(1232, None)
 
 
 # -- PmtuSearch driven through the glue, over a path that drops what is too large ----------

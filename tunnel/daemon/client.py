@@ -59,6 +59,7 @@ from tunnel.core.messages import (
 from tunnel.core.netchange import gains, matters
 from tunnel.core.underlay import Route
 from tunnel.daemon.connector import race
+from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
@@ -122,6 +123,10 @@ class ClientSession(Channel):
         self.endpoint = endpoint
         self.server_addr = server_addr
         self.driver = QuicDriver(quic, self._send_datagrams, self._handle_event, self._failed)
+        self.path_mtu = PathMtu(
+            quic, self._send_probe, self._path_size_changed, label=format_address(server_addr)
+        )
+        self.driver.on_path_change = self.path_mtu.wake
         self.control = ClientControl()
         self.rebinds = 0
         # The server's hello, held until its identity is verified: nothing secret (token,
@@ -271,7 +276,7 @@ class ClientSession(Channel):
             self.client.device_id,
             connection_binding(self.quic),
         )
-        self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, hello.max_datagram_payload)
+        self.set_peer_datagram_limit(min(MAX_DATAGRAM_PAYLOAD, hello.max_datagram_payload))
         self.control.request_sent()
         self.send_frame(
             AuthRequest(
@@ -328,6 +333,13 @@ class ClientSession(Channel):
     def _send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
         self.endpoint.send_batch(datagrams)
 
+    def _send_probe(self, probe: bytes, addr: Any) -> bool:
+        return self.endpoint.send_probe(probe, addr)
+
+    def _path_size_changed(self, size: int, evicted: list[bytes]) -> None:
+        self.path_size_changed(size, evicted)
+        self._flush()
+
     async def rebind(self) -> None:
         """Move the connection to a fresh UDP socket (and a fresh connection ID).
 
@@ -343,6 +355,7 @@ class ClientSession(Channel):
         old, self.endpoint = self.endpoint, fresh
         old.close()
         self.rebinds += 1
+        self.path_mtu.path_changed()  # another source address: perhaps another way there
         self.quic.change_connection_id()
         self.quic.send_ping(self.rebinds)
         self.driver.transmit()
@@ -451,6 +464,7 @@ class ClientSession(Channel):
             "addresses": self.client.addresses() if self.tun is not None else [],
             **self.counters(),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            **self.path_status(),
             "uptime": round(trio.current_time() - started, 3) if started else 0.0,
             "resumed": self.resumed,
             "rebinds": self.rebinds,
@@ -735,6 +749,7 @@ class Client:
             notify_ready(self.options.ready_fd)
         nursery.start_soon(session.tun_pump, self.tun)
         nursery.start_soon(session.heartbeat)
+        nursery.start_soon(session.path_mtu.run)
 
     def _apply(self, response: AuthResponse) -> None:
         """Create the TUN device and routes on the first session; update addresses later."""

@@ -29,7 +29,7 @@ registered as neither in flight nor ack-eliciting, which in aioquic's recovery m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
@@ -206,6 +206,8 @@ class PacketTally:
     def __init__(self, quic: QuicConnection) -> None:
         self.lost: list[int] = []
         self.largest_acked = 0
+        #: Called (from inside aioquic) after in-flight packets were declared lost.
+        self.on_loss: Callable[[], None] | None = None
         loss = quic._loss
         cc = loss._cc
         acked = cc.on_packet_acked
@@ -224,6 +226,8 @@ class PacketTally:
                 if packet.in_flight and len(lost) < _TALLY_LOST_LIMIT:
                     lost.append(packet.sent_bytes)
             packets_lost(packets=packets, **kwargs)
+            if lost and self.on_loss is not None:
+                self.on_loss()
 
         # Instance attributes shadow the methods: aioquic calls both through `self.`.
         cc.on_packet_acked = on_packet_acked  # type: ignore[method-assign]

@@ -56,8 +56,12 @@ from tunnel.core.messages import ALPN, BINDING_SIZE, CLOSE_INTERNAL
 
 log = logging.getLogger("tunnel.quic")
 
-# 1500-byte path minus IPv6 (40) and UDP (8) headers: fits IPv4 and IPv6 underlays.
+# 1500-byte path minus IPv6 (40) and UDP (8) headers: fits IPv4 and IPv6 underlays. The
+# largest UDP payload path MTU discovery tries (tunnel.daemon.pathmtu).
 MAX_DATAGRAM_SIZE = 1452
+# What every connection starts with, the handshake included: QUIC's smallest size, which every
+# path must carry (RFC 9000 14), so a handshake over a 1280-byte link is never a black hole.
+INITIAL_DATAGRAM_SIZE = 1200
 # Bytes a DATAGRAM frame costs inside a 1-RTT packet with 8-byte connection IDs: short header
 # (1 + 8 + 2-byte packet number), AEAD tag (16), frame type (1) and a 2-byte length.
 DATAGRAM_OVERHEAD = 30
@@ -95,7 +99,7 @@ def server_configuration(identity: Identity) -> QuicConfiguration:
         is_client=False,
         alpn_protocols=[ALPN],
         max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
-        max_datagram_size=MAX_DATAGRAM_SIZE,
+        max_datagram_size=INITIAL_DATAGRAM_SIZE,
         idle_timeout=IDLE_TIMEOUT,
     )
     config.certificate = cert
@@ -134,7 +138,7 @@ def client_configuration(
         alpn_protocols=[ALPN],
         verify_mode=ssl.CERT_NONE,
         max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
-        max_datagram_size=MAX_DATAGRAM_SIZE,
+        max_datagram_size=INITIAL_DATAGRAM_SIZE,
         idle_timeout=IDLE_TIMEOUT,
         server_name=server_name,
         session_ticket=session_ticket,
@@ -188,7 +192,7 @@ def tune(quic: QuicConnection) -> QuicConnection:
     client one bidirectional stream, the server one unidirectional stream), so a peer that
     opens more gets aioquic's STREAM_LIMIT_ERROR instead of our memory. Both live in private
     state."""
-    quic._loss._pacer = BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+    quic._loss._pacer = BurstPacer(max_datagram_size=quic._max_datagram_size)
     bidi, uni = (0, 1) if quic._is_client else (1, 0)
     quic._local_max_streams_bidi = Limit(
         frame_type=QuicFrameType.MAX_STREAMS_BIDI, name="max_streams_bidi", value=bidi
@@ -362,9 +366,9 @@ def _remember_one_rtt(quic: QuicConnection) -> tuple[Any, CryptoPair]:
 
 
 _DATAGRAM_WITH_LENGTH = 0x31
-# Room for frames in a 1-RTT packet: short header (1 + 8-byte CID + 2-byte packet number) and
-# the AEAD tag off a full datagram.
-_FRAME_ROOM = MAX_DATAGRAM_SIZE - 11 - 16
+# What a 1-RTT packet spends besides its frames: short header (1 + 8-byte CID + 2-byte packet
+# number) and the AEAD tag.
+_PACKET_OVERHEAD = 11 + 16
 
 
 def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
@@ -401,6 +405,8 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     path = quic._network_paths[0]
     first_byte = 0x40 | (quic._spin_bit << 5) | 1  # fixed bit, 2-byte packet number
     peer_cid = quic._peer_cid.cid
+    # The size path MTU discovery has set for this connection (pmtu_probe.set_datagram_size).
+    frame_room = quic._max_datagram_size - _PACKET_OVERHEAD
     packets: list[bytes] = []
     while pending:
         if pacer.next_send_time(now) is not None:
@@ -410,7 +416,7 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
         used = 0
         for data in pending:
             frame = 1 + (1 if len(data) < 64 else 2) + len(data)
-            if used + frame > _FRAME_ROOM:
+            if used + frame > frame_room:
                 break
             used += frame
             count += 1
@@ -646,6 +652,10 @@ class QuicDriver:
         # timer) that only its generic send path sends.
         self._aioquic_due = True
         self.failed = False
+        # Called when the connection's current path changes (aioquic moved the peer to a new
+        # address): path MTU discovery starts again there.
+        self.on_path_change: Callable[[], None] | None = None
+        self._path: object | None = None
 
     def receive(self, data: bytes, addr: Address, now: float) -> None:
         """Feed one UDP datagram. Call :meth:`pump` once after a batch of these."""
@@ -701,8 +711,13 @@ class QuicDriver:
             datagrams = quic.datagrams_to_send(now=now)
         else:
             datagrams = []
+        path = quic._network_paths[0] if quic._network_paths else None
+        if path is not self._path:
+            self._path = path
+            if self.on_path_change is not None:
+                self.on_path_change()
         if fast:
-            addr = quic._network_paths[0].addr
+            addr = path.addr  # type: ignore[union-attr]  # the fast path needs one
             datagrams = [(packet, addr) for packet in fast] + datagrams
         if datagrams:
             self._send(datagrams)
@@ -746,4 +761,9 @@ class QuicDriver:
                     break
                 self._aioquic_due = True
                 self.pump()
+                if self.quic.get_timer() == timer:
+                    # Nothing moved it: aioquic's loss timer is `sent + delay` but the check
+                    # is `now - delay >= sent`, which rounding can keep false at exactly that
+                    # time. A moment later it holds (on virtual time this would spin forever).
+                    await trio.sleep(K_MICRO_SECOND)
         await trio.sleep_forever()

@@ -73,6 +73,7 @@ from tunnel.core.messages import (
 from tunnel.core.nat64 import Nat64
 from tunnel.core.ratelimit import FailureLimiter, TokenBucket
 from tunnel.core.tokens import TokenSet, token_digest
+from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
@@ -142,6 +143,13 @@ class ServerSession(Channel):
         self.source = server.source
         send = functools.partial(server.endpoint.send_batch, source=self.source)
         self.driver = QuicDriver(quic, send, self._handle_event, self._failed)
+        self.path_mtu = PathMtu(
+            quic,
+            functools.partial(server.endpoint.send_probe, source=self.source),
+            self._path_size_changed,
+            label=format_address(remote),
+        )
+        self.driver.on_path_change = self.path_mtu.wake
         self.control = ServerControl()
         # Packets from the internet too big for this client's datagrams: told so from us.
         self.deliver_local = server.tun.write
@@ -286,7 +294,7 @@ class ServerSession(Channel):
             return
         self.token_digest = digest
         self.control.established()
-        self.max_datagram_payload = min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload)
+        self.set_peer_datagram_limit(min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload))
         self.lease = admission.lease
         assert self.lease is not None
         self.own_sources = frozenset(a.packed for a in self.lease.addresses)
@@ -365,6 +373,9 @@ class ServerSession(Channel):
                     await self.handshake_over.wait()
                 pending = False
                 self.server.handshake_finished(self)
+                if self.established.is_set():
+                    # Only for clients that authenticated: probes cost us bandwidth.
+                    nursery.start_soon(self.path_mtu.run)
                 if not self.handshake_over.is_set():
                     self.log.info(
                         "handshake from %s not completed in time: dropped",
@@ -383,6 +394,10 @@ class ServerSession(Channel):
                 self.driver.transmit()
             self.server.detach(self)
 
+    def _path_size_changed(self, size: int, evicted: list[bytes]) -> None:
+        self.path_size_changed(size, evicted)
+        self.driver.transmit()
+
     def current_remote(self) -> Any:
         """The client's address now: QUIC follows a migrating client to its new path."""
         paths = getattr(self.quic, "_network_paths", None)
@@ -397,6 +412,7 @@ class ServerSession(Channel):
             "remote": format_address(self.current_remote()),
             **self.counters(),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            **self.path_status(),
             "uptime": round(trio.current_time() - self.started_at, 3),
             "drops": dict(self.drops),
         }

@@ -19,7 +19,9 @@ from tunnel.core.control import CONTROL_STREAM
 from tunnel.core.icmp import packet_too_big_untrusted
 from tunnel.core.messages import FRAME_PACKET, encode_frame
 from tunnel.core.ratelimit import TokenBucket
-from tunnel.daemon.quic import QuicDriver, stream_buffered
+from tunnel.daemon.pathmtu import PathMtu
+from tunnel.daemon.pmtu_probe import datagram_frame_room
+from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, QuicDriver, stream_buffered
 
 # Datagrams waiting inside aioquic (congestion-limited) beyond this are dropped, not queued:
 # a VPN that buffers adds latency; the inner TCP reacts to a drop exactly as it should.
@@ -51,8 +53,13 @@ class Channel:
         self.quic = quic
         self.driver: QuicDriver  # set by the owner once it knows how to send
         self.drops = drops
-        # The peer's limit, learned in the handshake; until then the conservative default.
-        self.max_datagram_payload = 1200
+        # The largest IP packet sent as one DATAGRAM: the smaller of the peer's limit (from
+        # its hello) and what fits one packet of the path's size (path MTU discovery).
+        self.peer_datagram_limit = MAX_DATAGRAM_PAYLOAD
+        self.path_datagram_room = datagram_frame_room(quic, quic._max_datagram_size)
+        self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
+        # Set by the owner: path MTU discovery for this connection, if it runs one.
+        self.path_mtu: PathMtu | None = None
         self.bytes_in = self.bytes_out = self.packets_in = self.packets_out = 0
         # Channels with something queued, shared by everything one pump flushes: a flush costs
         # the channels that have work, not every channel there is.
@@ -64,6 +71,25 @@ class Channel:
         self.icmp_source4: bytes | None = None
         self.icmp_source6: bytes | None = None
         self._too_big_budget = TokenBucket(rate=TOO_BIG_RATE, burst=TOO_BIG_BURST)
+
+    def set_peer_datagram_limit(self, limit: int) -> None:
+        """The peer's hello said how large a datagram payload it takes."""
+        self.peer_datagram_limit = limit
+        self.max_datagram_payload = min(limit, self.path_datagram_room)
+
+    def path_size_changed(self, size: int, evicted: list[bytes]) -> None:
+        """Path MTU discovery set a new UDP payload size (a :data:`SizeChanged`): datagrams
+        follow it, and the packets queued for the old size that no longer fit one take the
+        stream instead (they were sent by their senders already: no "packet too big" now)."""
+        self.path_datagram_room = datagram_frame_room(self.quic, size)
+        self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
+        for packet in evicted:
+            if not self._write_control(
+                bytes((FRAME_PACKET,)) + len(packet).to_bytes(4, "big") + packet
+            ):
+                self.drops["stream_full"] += 1
+        if evicted:
+            self.touched.add(self)
 
     def send_packet(self, packet: bytes, *, may_answer: bool = True) -> None:
         """Queue one IP packet to the peer. Call ``driver.transmit()`` after a batch.
@@ -92,6 +118,10 @@ class Channel:
         discovery adapts instead of every packet crawling over the stream. True if it was
         answered (or dropped for the answer's budget)."""
         if self.deliver_local is None:
+            return False
+        if self.path_mtu is not None and self.path_mtu.searching:
+            # The size is not known yet: an answer now could make the sender settle for far
+            # less than the path carries (for ten minutes, on Linux). The stream carries it.
             return False
         error = packet_too_big_untrusted(
             packet, self.max_datagram_payload, self.icmp_source4, self.icmp_source6
@@ -139,3 +169,10 @@ class Channel:
             "packets_in": self.packets_in,
             "packets_out": self.packets_out,
         }
+
+    def path_status(self) -> dict[str, object]:
+        """The path's size as discovery sees it, and the datagram payload it allows."""
+        path: dict[str, object] = {"datagram_payload": self.max_datagram_payload}
+        if self.path_mtu is not None:
+            path.update(self.path_mtu.status())
+        return path

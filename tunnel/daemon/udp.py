@@ -44,6 +44,11 @@ IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
 IN_PKTINFO_SIZE = 12  # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
 IN6_PKTINFO_SIZE = 20  # struct in6_pktinfo { in6_addr addr; int ifindex; }
+# Path MTU discovery modes (Linux <linux/in.h>, <linux/in6.h>).
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_PROBE = 3
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_PROBE = 3
 # Room for the one control message a receive asks for.
 PKTINFO_SPACE = socket.CMSG_SPACE(IN6_PKTINFO_SIZE)
 # Distinct local addresses an endpoint keeps decoded: a host has a handful (per interface).
@@ -143,6 +148,7 @@ class UdpEndpoint:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            _never_fragment(sock, family)
             reply_from_target = reply_from_target and host in ("", "::", "0.0.0.0")
             if reply_from_target:
                 if family == socket.AF_INET6:
@@ -255,6 +261,20 @@ class UdpEndpoint:
             # congested link, and QUIC's loss recovery handles it.
             self.send_drops += 1
 
+    def send_probe(self, data: bytes, addr: Any, source: LocalAddress | None = None) -> bool:
+        """Send one path MTU probe; False if the kernel refused it as larger than the link it
+        would leave by (EMSGSIZE), which tells the search at once. Any other failure counts
+        as a drop, like :meth:`send`'s, and the probe's timer notices."""
+        try:
+            if source is None:
+                self.sock.sendto(data, addr)
+            else:
+                self.sock.sendmsg((data,), source.cmsgs, 0, addr)
+        except OSError as exc:
+            self.send_drops += 1
+            return exc.errno != errno.EMSGSIZE
+        return True
+
     def send_batch(
         self, datagrams: Sequence[tuple[bytes, Any]], source: LocalAddress | None = None
     ) -> None:
@@ -315,6 +335,17 @@ class UdpEndpoint:
         if self.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+
+def _never_fragment(sock: socket.socket, family: int) -> None:
+    """Don't-fragment on every datagram, without the kernel's path MTU cache: QUIC finds the
+    path's size itself (tunnel.daemon.pathmtu) and must never be fragmented (RFC 9000 14).
+    "Probe" mode: a datagram too large for the outgoing link fails with EMSGSIZE; one too
+    large for a later link is dropped there, which is what a probe must learn. An ICMP "packet
+    too big", which anyone can forge, changes nothing."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
 
 
 def format_address(addr: Any) -> str:

@@ -42,7 +42,7 @@ class _Inbox:
             await self._lot.park()
 
     def take(self, limit: int) -> list[Any]:
-        out = []
+        out: list[Any] = []
         while self.items and len(out) < limit:
             out.append(self.items.popleft())
         return out
@@ -106,6 +106,10 @@ class FakeEndpoint:
         if self.inbox.closed:
             return
         self.network.deliver(bytes(data), self.local_address, addr)
+
+    def send_probe(self, data: bytes, addr: Address, source: Any = None) -> bool:
+        self.send(data, addr)
+        return True
 
     def send_batch(self, datagrams: list[tuple[bytes, Address]], source: Any = None) -> None:
         for data, addr in datagrams:
