@@ -240,7 +240,7 @@ _SESSION_KEYS = frozenset(
 )  # fmt: skip
 
 
-def _extra_pairs(mapping: Mapping, known: frozenset[str]) -> list[tuple[str, str]]:
+def _extra_pairs(mapping: Mapping[str, object], known: frozenset[str]) -> list[tuple[str, str]]:
     """Entries this renderer has no special layout for (a newer daemon, optional features such
     as NAT64): scalars as they are, tables as ``key=value`` pairs."""
     pairs = []

@@ -124,7 +124,11 @@ class ClientSession(Channel):
         self.server_addr = server_addr
         self.driver = QuicDriver(quic, self._send_datagrams, self._handle_event, self._failed)
         self.path_mtu = PathMtu(
-            quic, self._send_probe, self._path_size_changed, label=format_address(server_addr)
+            quic,
+            self._send_probe,
+            self._path_size_changed,
+            self.driver.transmit,
+            label=format_address(server_addr),
         )
         self.driver.on_path_change = self.path_mtu.wake
         self.control = ClientControl()
@@ -747,6 +751,7 @@ class Client:
         if not self.connected.is_set():
             self.connected.set()
             notify_ready(self.options.ready_fd)
+        assert self.tun is not None  # _apply made it
         nursery.start_soon(session.tun_pump, self.tun)
         nursery.start_soon(session.heartbeat)
         nursery.start_soon(session.path_mtu.run)
@@ -791,7 +796,9 @@ class Client:
         for net in wanted:
             # A default route is installed as its two halves, which win over the existing
             # default by being more specific and leave it untouched for our return.
-            halves = list(net.subnets(prefixlen_diff=1)) if net.prefixlen == 0 else [net]
+            halves: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
+                list(net.subnets(prefixlen_diff=1)) if net.prefixlen == 0 else [net]
+            )
             for half in halves:
                 self.host.add_route(half, ifname=self.tun.name)
 

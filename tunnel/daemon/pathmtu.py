@@ -45,8 +45,9 @@ class PathMtu:
     """Runs a :class:`PmtuSearch` on one aioquic connection (see the module docstring).
 
     ``send`` sends a probe (a :data:`SendProbe`); ``on_size`` (a :data:`SizeChanged`) hears
-    every change of the size in use, after aioquic already follows it. ``maximum`` is the
-    largest UDP payload ever tried.
+    every change of the size in use, after aioquic already follows it; ``transmit`` sends
+    what the connection has queued (the driver's). ``maximum`` is the largest UDP payload
+    ever tried.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class PathMtu:
         quic: QuicConnection,
         send: SendProbe,
         on_size: SizeChanged,
+        transmit: Callable[[], None],
         *,
         maximum: int = DEFAULT_MAXIMUM,
         label: str = "-",
@@ -61,6 +63,7 @@ class PathMtu:
         self.quic = quic
         self.search = PmtuSearch(maximum=maximum)
         self._send = send
+        self._transmit = transmit
         self._on_size = on_size
         self._label = label
         self._tally: PacketTally | None = None
@@ -164,13 +167,22 @@ class PathMtu:
                 )
         search.timer(now)
         pto = probe_timeout(quic)
-        while (size := search.next_probe(now, pto=pto)) is not None:
-            packet = send_probe(quic, size, now, self._result)
+        sent = False
+        while (probe := search.next_probe(now, pto=pto)) is not None:
+            packet = send_probe(quic, probe, now, self._result)
             if packet is None:
                 continue  # cannot carry one now (closing, path in validation): it times out
-            if not self._send(packet, quic._network_paths[0].addr):
+            if self._send(packet, quic._network_paths[0].addr):
+                sent = True
+            else:
                 self.refused_by_host += 1
-                search.probe_lost(size, now)
+                search.probe_lost(probe, now)
+        if sent:
+            # A small ack-eliciting packet right behind: once it is acknowledged, aioquic's
+            # loss detection declares a probe that did not arrive lost within about an RTT
+            # (RFC 9002 time threshold), long before the probe timer would.
+            quic.send_ping(0)
+            self._transmit()
         self._apply(search.current)
         if search.state is PmtuState.COMPLETE and self._settled != self.applied:
             self._settled = self.applied

@@ -294,9 +294,9 @@ def _direct_crypto_usable() -> bool:
         aead = _AeadPrimitive(b"aes-128-gcm", bytes(16), bytes(12))
         protection = _HeaderProtection(b"aes-128-ecb", bytes(16))
         return (
-            isinstance(aead._iv, int)  # type: ignore[attr-defined]
-            and callable(aead._aead.encrypt)  # type: ignore[attr-defined]
-            and len(protection._mask(bytes(16))) >= 5  # type: ignore[attr-defined]
+            isinstance(aead._iv, int)
+            and callable(aead._aead.encrypt)
+            and len(protection._mask(bytes(16))) >= 5
         )
     except Exception:  # a C extension, or internals that moved: aioquic's own path
         return False
@@ -314,10 +314,16 @@ def seal_short_packet(
     if not _DIRECT_CRYPTO or crypto._update_key_requested:
         return crypto.encrypt_packet(header, payload, number)
     context = crypto.send
+    # Callers only seal once the 1-RTT keys exist (their `aead is None` check): no assert in
+    # the way of every packet.
     aead = context.aead
-    protected = aead._aead.encrypt((aead._iv ^ number).to_bytes(12, "big"), payload, header)
+    protected = aead._aead.encrypt(  # type: ignore[union-attr]
+        (aead._iv ^ number).to_bytes(12, "big"),  # type: ignore[union-attr]
+        payload,
+        header,
+    )
     # Header protection samples 16 bytes starting 4 bytes after the packet number's start.
-    mask = context.hp._mask(protected[2:18])
+    mask = context.hp._mask(protected[2:18])  # type: ignore[union-attr]
     truncated = (number & 0xFFFF) ^ ((mask[1] << 8) | mask[2])
     return b"".join(
         (bytes((first_byte ^ (mask[0] & 0x1F),)), peer_cid, truncated.to_bytes(2, "big"), protected)
@@ -333,7 +339,7 @@ def open_short_packet(
     context = crypto.recv
     if not _DIRECT_CRYPTO or context.aead is None or len(data) < 29:
         return crypto.decrypt_packet(data, 9, expected_number)
-    mask = context.hp._mask(data[13:29])
+    mask = context.hp._mask(data[13:29])  # type: ignore[union-attr]  # keys exist with aead
     first = data[0] ^ (mask[0] & 0x1F)
     if (first >> 2) & 1 != context.key_phase:
         return crypto.decrypt_packet(data, 9, expected_number)  # a key update: aioquic's

@@ -147,6 +147,7 @@ class ServerSession(Channel):
             quic,
             functools.partial(server.endpoint.send_probe, source=self.source),
             self._path_size_changed,
+            self.driver.transmit,
             label=format_address(remote),
         )
         self.driver.on_path_change = self.path_mtu.wake
@@ -640,11 +641,12 @@ class Server:
         session.bytes_in += len(packet)
         session.packets_in += 1
         # Only the IP packet itself goes on, never bytes a client appended after it.
-        packet = clip_untrusted(packet)
-        if packet is None:
+        clipped = clip_untrusted(packet)
+        if clipped is None:
             session.drops["malformed"] += 1
             self.drops["malformed"] += 1
             return
+        packet = clipped
         if packet[0] >> 4 == 4:
             version, src, dst = 4, packet[12:16], packet[16:20]
         else:
@@ -867,7 +869,9 @@ def _nat64(config: ServerConfig, authority: Authority) -> tuple[Nat64 | None, by
     source = settings.source_ip
     if source is None:
         assert authority.pool4 is not None  # the config requires source_ip or network
-        source = authority.pool4.allocate(NAT64_OWNER)
+        allocated = authority.pool4.allocate(NAT64_OWNER)
+        assert isinstance(allocated, ipaddress.IPv4Address)  # an IPv4 pool's
+        source = allocated
     translator = Nat64(
         prefix=settings.prefix,
         source_ip=source,
@@ -922,6 +926,12 @@ def ipv4_forwarding_enabled() -> bool:
         return True  # cannot tell: do not warn
 
 
+def _status(server: Server | None) -> dict[str, Any]:
+    # The control socket is served only once the server exists.
+    assert server is not None
+    return server.status()
+
+
 async def run_server(
     config: ServerConfig, options: RunOptions, platform: Platform = SYSTEM
 ) -> None:
@@ -930,7 +940,7 @@ async def run_server(
     identity = read_key_file(config.key_file)
     server: Server | None = None
     # First, so that a second daemon with the same config is refused before touching anything.
-    control = ControlServer(control_socket_path(config.control_socket), lambda: server.status())
+    control = ControlServer(control_socket_path(config.control_socket), lambda: _status(server))
     with contextlib.ExitStack() as undo:
         # Synchronous undo on purpose: it cannot be cancelled halfway.
         undo.callback(control.close)

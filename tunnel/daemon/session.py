@@ -17,7 +17,7 @@ from aioquic.quic.connection import END_STATES, QuicConnection
 
 from tunnel.core.control import CONTROL_STREAM
 from tunnel.core.icmp import packet_too_big_untrusted
-from tunnel.core.messages import FRAME_PACKET, encode_frame
+from tunnel.core.messages import FRAME_PACKET, Frame, encode_frame
 from tunnel.core.ratelimit import TokenBucket
 from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.pmtu_probe import datagram_frame_room
@@ -43,7 +43,8 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefixes every line with the session's client ID."""
 
     def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
-        return f"[{self.extra['client']}] {msg}", kwargs
+        client = self.extra["client"] if self.extra is not None else "-"
+        return f"[{client}] {msg}", kwargs
 
 
 class Channel:
@@ -58,8 +59,7 @@ class Channel:
         self.peer_datagram_limit = MAX_DATAGRAM_PAYLOAD
         self.path_datagram_room = datagram_frame_room(quic, quic._max_datagram_size)
         self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
-        # Set by the owner: path MTU discovery for this connection, if it runs one.
-        self.path_mtu: PathMtu | None = None
+        self.path_mtu: PathMtu  # set by the owner, with the driver
         self.bytes_in = self.bytes_out = self.packets_in = self.packets_out = 0
         # Channels with something queued, shared by everything one pump flushes: a flush costs
         # the channels that have work, not every channel there is.
@@ -119,7 +119,7 @@ class Channel:
         answered (or dropped for the answer's budget)."""
         if self.deliver_local is None:
             return False
-        if self.path_mtu is not None and self.path_mtu.searching:
+        if self.path_mtu.searching:
             # The size is not known yet: an answer now could make the sender settle for far
             # less than the path carries (for ten minutes, on Linux). The stream carries it.
             return False
@@ -133,7 +133,7 @@ class Channel:
             self.deliver_local(error)
         return True
 
-    def send_frame(self, frame: object) -> bool:
+    def send_frame(self, frame: Frame) -> bool:
         """Queue a control frame; False if it was dropped (the stream is full or gone)."""
         if not self._write_control(encode_frame(frame)):
             self.drops["stream_full"] += 1
@@ -172,7 +172,4 @@ class Channel:
 
     def path_status(self) -> dict[str, object]:
         """The path's size as discovery sees it, and the datagram payload it allows."""
-        path: dict[str, object] = {"datagram_payload": self.max_datagram_payload}
-        if self.path_mtu is not None:
-            path.update(self.path_mtu.status())
-        return path
+        return {"datagram_payload": self.max_datagram_payload, **self.path_mtu.status()}
