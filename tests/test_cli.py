@@ -386,6 +386,11 @@ STATUS = {
             "packets_in": 2,
             "packets_out": 1,
             "rtt_ms": 12.25,
+            "datagram_payload": 1222,
+            "path_mtu": 1252,
+            "pmtu_state": "complete",
+            "pmtu_probes": 12,
+            "pmtu_black_holes": 1,
             "uptime": 42.0,
             "drops": {"queue_full": 3, "spoofed": 0},
         }
@@ -419,6 +424,8 @@ def test_status_text(capsys, monkeypatch, tmp_path) -> None:
     assert "10.8.0.2, fd00:8::2" in out
     assert "2.0 KiB, 2 packets" in out
     assert "12.2 ms" in out or "12.3 ms" in out
+    assert "MTU 1252 B (complete), datagrams up to 1222 B, 12 probes, 1 black hole" in out
+    assert "pmtu_state" not in out  # shown once, in the path line
     assert "queue_full=3" in out and "spoofed" not in out
     assert "no_route=1" in out
 

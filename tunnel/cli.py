@@ -223,6 +223,7 @@ def _session_lines(session: object) -> list[str]:
         ("remote", _text(get("remote"))),
         ("uptime", _duration(get("uptime"))),
         ("rtt", "?" if rtt is None else f"{rtt:.1f} ms"),
+        ("path", _path(session)),
         ("in", f"{_size(get('bytes_in'))}, {_count(get('packets_in'))} packets"),
         ("out", f"{_size(get('bytes_out'))}, {_count(get('packets_out'))} packets"),
         ("drops", _drops(get("drops"))),
@@ -235,9 +236,24 @@ _STATUS_KEYS = frozenset({"role", "id", "listen", "server", "tun", "uptime", "dr
 _SESSION_KEYS = frozenset(
     {
         "client_id", "device_id", "addresses", "remote", "uptime", "rtt_ms", "bytes_in",
-        "bytes_out", "packets_in", "packets_out", "drops",
+        "bytes_out", "packets_in", "packets_out", "drops", "path_mtu", "pmtu_state",
+        "pmtu_probes", "pmtu_black_holes", "datagram_payload",
     }
 )  # fmt: skip
+
+
+def _path(session: Mapping[str, object]) -> str:
+    """The path's size: "MTU 1252 B (complete), datagrams up to 1222 B, 12 probes"."""
+    get = session.get
+    if get("path_mtu") is None:
+        return "?"
+    text = f"MTU {_count(get('path_mtu'))} B ({_text(get('pmtu_state'))})"
+    text += f", datagrams up to {_count(get('datagram_payload'))} B"
+    text += f", {_count(get('pmtu_probes'))} probes"
+    black_holes = _number(get("pmtu_black_holes"))
+    if black_holes:
+        text += f", {black_holes:g} black hole" + ("s" if black_holes != 1 else "")
+    return text
 
 
 def _extra_pairs(mapping: Mapping[str, object], known: frozenset[str]) -> list[tuple[str, str]]:
