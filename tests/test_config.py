@@ -688,7 +688,8 @@ def test_doc_tables_list_every_key() -> None:
 
 
 def test_nat64_source_ip_inside_the_pool_is_refused() -> None:
-    data = changed(SERVER_BASE, {"network6": "fd00::/64",
-                                 "nat64": {"enabled": True, "source_ip": "10.8.0.9"}})
+    data = changed(
+        SERVER_BASE, {"network6": "fd00::/64", "nat64": {"enabled": True, "source_ip": "10.8.0.9"}}
+    )
     with pytest.raises(ConfigError, match=r"nat64\.source_ip: 10\.8\.0\.9 is inside 'network'"):
         server_config_from_dict(data)

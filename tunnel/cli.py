@@ -266,8 +266,9 @@ def _extra_pairs(mapping: Mapping[str, object], known: frozenset[str]) -> list[t
         if isinstance(value, str | int | float | bool):
             pairs.append((str(key), str(value)))
         elif isinstance(value, Mapping):
-            pairs.append((str(key), ", ".join(f"{k}={v}" for k, v in value.items()
-                                              if v is not None) or "-"))
+            pairs.append(
+                (str(key), ", ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "-")
+            )
     return pairs
 
 

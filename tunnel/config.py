@@ -348,7 +348,9 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _network_parser(cls: type[IPv4Network] | type[IPv6Network], family: str) -> Callable:
+def _network_parser(
+    cls: type[IPv4Network] | type[IPv6Network], family: str
+) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return cls(text, strict=True)
@@ -363,7 +365,9 @@ def _network_parser(cls: type[IPv4Network] | type[IPv6Network], family: str) -> 
     return parse
 
 
-def _address_parser(cls: type[IPv4Address] | type[IPv6Address], family: str) -> Callable:
+def _address_parser(
+    cls: type[IPv4Address] | type[IPv6Address], family: str
+) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return cls(text)

@@ -169,6 +169,4 @@ def test_one_sender_cannot_take_all_the_room():
     assert reassembly.add("other", 0, True, b"b" * 8, HEADER, 0.0, "other") is Added.QUEUED
     whole = reassembly.add(("greedy", 0), 8, False, b"c", b"", 0.0, "greedy")
     assert whole == Whole(HEADER, b"a" * 8 + b"c")
-    assert reassembly.add(("greedy", 9), 0, True, b"d" * 8, HEADER, 0.0, "greedy") is (
-        Added.QUEUED
-    )
+    assert reassembly.add(("greedy", 9), 0, True, b"d" * 8, HEADER, 0.0, "greedy") is (Added.QUEUED)

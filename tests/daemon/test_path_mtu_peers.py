@@ -149,8 +149,6 @@ async def test_a_client_that_moves_to_a_new_socket_searches_again(autojump_clock
             await a.session.rebind()
             # The client knows it moved; the server sees the new address as a new path.
             await wait_for(lambda: a.session.path_mtu.search.statistics().searches > before)
-            await wait_for(
-                lambda: session.path_mtu.search.statistics().searches > server_searches
-            )
+            await wait_for(lambda: session.path_mtu.search.statistics().searches > server_searches)
             await wait_for(lambda: settled(a, server))
             assert a.session.path_mtu.current == session.path_mtu.current == MAX_DATAGRAM_SIZE

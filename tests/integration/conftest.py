@@ -23,9 +23,9 @@ from typing import Any
 import attrs
 import pytest
 
+from tests.support import netns as nstools
 from tunnel.core.identity import Identity, format_key_file
 from tunnel.core.tokens import new_token
-from tunnel.testing import netns as nstools
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,14 +59,14 @@ def _netns_environment() -> Iterator[None]:
     # namespaces of an earlier run that was SIGKILLed (its pid is gone) are ours to remove
     reaped = nstools.reap_stale()
     if reaped:
-        logging.getLogger("tunnel.testing").warning("removed stale namespaces: %s", reaped)
+        logging.getLogger("tests.support").warning("removed stale namespaces: %s", reaped)
     yield
 
 
 @pytest.fixture(autouse=True)
 def _integration_setup(_netns_environment: None, caplog: pytest.LogCaptureFixture) -> None:
     # daemon output is echoed at DEBUG on this logger: keep it so a failure shows it
-    caplog.set_level(logging.DEBUG, logger="tunnel.testing")
+    caplog.set_level(logging.DEBUG, logger="tests.support")
 
 
 @attrs.frozen

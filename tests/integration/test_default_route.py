@@ -16,7 +16,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Netns,
     ip,
     ip_json,
@@ -25,8 +25,8 @@ from tunnel.testing.netns import (
     run,
     start_daemon,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
-from tunnel.testing.netns import veth as make_veth
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.netns import veth as make_veth
 
 PY = sys.executable
 BEHIND_SERVER = "10.200.0.1"  # only reachable through the tunnel

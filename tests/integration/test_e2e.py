@@ -8,7 +8,7 @@ Topology (one per test)::
 The server listens on 10.77.0.1:4433 and hands out 10.78.0.0/24 and fd78::/64; its own tunnel
 addresses are 10.78.0.1 and fd78::1, and clients get .2/.3 (::2/::3) in connection order.
 Each test is bounded by ``trio.fail_after``; daemon output is echoed at DEBUG on the
-``tunnel.testing`` logger, so a failure shows it under "Captured log call".
+``tests.support`` logger, so a failure shows it under "Captured log call".
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Daemon,
     Netns,
     cli_status,
@@ -35,11 +35,11 @@ from tunnel.testing.netns import (
     start_daemon,
     tcp_transfer,
 )
-from tunnel.testing.netns import (
+from tests.support.netns import (
     star as netns_star,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
-from tunnel.testing.transfer import expected_sha256
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.transfer import expected_sha256
 
 # The fixtures' types (Key, TunnelFiles) live in conftest.py, which a test module cannot
 # import cleanly (tests/ is not a package): they are annotated as Any here.
@@ -300,8 +300,13 @@ async def test_rejected_clients_exit_with_reason_and_server_keeps_serving(
     # Rejections by the verified server are permanent (100); another key on the path may be a
     # forgery, so a mismatch is temporary (111: here auto_reconnect is off, so it ends at once).
     cases = [
-        ("wrong-token", creds.b, {"auth_token": files.token()}, "Invalid authentication token",
-         100),
+        (
+            "wrong-token",
+            creds.b,
+            {"auth_token": files.token()},
+            "Invalid authentication token",
+            100,
+        ),
         ("unknown-client", stranger, {}, "client not allowed", 100),
         (
             "wrong-server-id",

@@ -1,6 +1,6 @@
 """Faults, in network namespaces: the real daemons, a user-space relay as the bad network.
 
-The kernel here has no netem, so the faults come from :mod:`tunnel.testing.relay`, run in a
+The kernel here has no netem, so the faults come from :mod:`tests.support.relay`, run in a
 namespace of its own between client and server::
 
     cli: 10.77.1.2/24 ── veth ── rly: 10.77.1.1/24            relay listens on 10.77.1.1:4433
@@ -25,8 +25,8 @@ import attrs
 import pytest
 import trio
 
-from tunnel.daemon.control import query_status
-from tunnel.testing.netns import (
+from tests.support import tool_argv
+from tests.support.netns import (
     Daemon,
     DaemonError,
     Netns,
@@ -38,9 +38,10 @@ from tunnel.testing.netns import (
     tcp_transfer,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
-from tunnel.testing.relay import send_command
-from tunnel.testing.transfer import expected_sha256
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.relay import send_command
+from tests.support.transfer import expected_sha256
+from tunnel.daemon.control import query_status
 
 # conftest's fixture types cannot be imported from a test module (tests/ is not a package)
 Key = Any
@@ -111,7 +112,7 @@ def client_config(files: TunnelFiles, creds: Creds) -> Any:
 
 
 async def start_relay(nursery: trio.Nursery, line: Line, files: TunnelFiles) -> Daemon:
-    argv = [PY, "-m", "tunnel.testing.relay", "--listen", RELAY_LISTEN,
+    argv = [*tool_argv("relay"), "--listen", RELAY_LISTEN,
             "--upstream", SERVER_LISTEN, "--bind", RELAY_SOURCE, "--seed", "1",
             "--control", str(files.socket("relay"))]  # fmt: skip
     return await start_daemon(nursery, line.relay, argv, name="relay")
@@ -230,10 +231,18 @@ async def test_server_sigkill_and_restart_client_comes_back_by_itself(
             server = await start_server(nursery, line, server_config(files, creds))
             ready = time.monotonic()
             answered = await first_ping(line.client, SERVER_TUN4, within=30)
-            report(record_property, "server_ready_to_first_ping_s", answered - ready,
-                   "restarted server ready -> first ping through the tunnel")
-            report(record_property, "server_kill_to_first_ping_s", answered - killed,
-                   "SIGKILL -> first ping through the tunnel (restart included)")
+            report(
+                record_property,
+                "server_ready_to_first_ping_s",
+                answered - ready,
+                "restarted server ready -> first ping through the tunnel",
+            )
+            report(
+                record_property,
+                "server_kill_to_first_ping_s",
+                answered - killed,
+                "SIGKILL -> first ping through the tunnel (restart included)",
+            )
 
             after = await operator_status(files, "client")
             assert after["state"] == "connected", after
@@ -267,10 +276,15 @@ async def test_partition_longer_than_heartbeat_timeout(
             async def client_noticed() -> bool:
                 return (await status(files, "client"))["state"] != "connected"
 
-            noticed = await wait_for(client_noticed, "the client to notice the partition",
-                                     within=HEARTBEAT_TIMEOUT + 3)
-            report(record_property, "partition_detected_s", noticed - cut,
-                   f"partition noticed by the client (heartbeat_timeout {HEARTBEAT_TIMEOUT:g} s)")
+            noticed = await wait_for(
+                client_noticed, "the client to notice the partition", within=HEARTBEAT_TIMEOUT + 3
+            )
+            report(
+                record_property,
+                "partition_detected_s",
+                noticed - cut,
+                f"partition noticed by the client (heartbeat_timeout {HEARTBEAT_TIMEOUT:g} s)",
+            )
             # the last answer came at most one interval before the cut: the timeout counts
             # from there; 0.5 s for polling and scheduling
             assert noticed - cut <= HEARTBEAT_TIMEOUT + 0.5
@@ -285,13 +299,18 @@ async def test_partition_longer_than_heartbeat_timeout(
             await relay(files, blackhole=False)
             healed = time.monotonic()
             answered = await first_ping(line.client, SERVER_TUN4, within=20)
-            report(record_property, "heal_to_first_ping_s", answered - healed,
-                   "partition healed -> first ping through the tunnel")
+            report(
+                record_property,
+                "heal_to_first_ping_s",
+                answered - healed,
+                "partition healed -> first ping through the tunnel",
+            )
 
             after = await status(files, "client")
             assert after["state"] == "connected", after
             assert after["addresses"] and set(after["addresses"]) == set(
-                (await operator_status(files, "client"))["addresses"])
+                (await operator_status(files, "client"))["addresses"]
+            )
             assert f"{CLIENT_TUN4}/24" in after["addresses"], after
             assert after["reconnects"] >= 1, after
 
@@ -305,8 +324,10 @@ async def test_partition_longer_than_heartbeat_timeout(
             assert session["uptime"] < time.monotonic() - cut, (session, before)
             await ping(line.server, CLIENT_TUN4)
             stats = (await relay(files, stats=True))["stats"]
-            print(f"relay: {stats['up']['blackholed']} up / {stats['down']['blackholed']} down "
-                  f"datagrams black-holed, {stats['flows']} flows")
+            print(
+                f"relay: {stats['up']['blackholed']} up / {stats['down']['blackholed']} down "
+                f"datagrams black-holed, {stats['flows']} flows"
+            )
 
 
 # --- loss and reordering ----------------------------------------------------------------------
@@ -324,14 +345,20 @@ async def test_transfer_through_loss_and_reordering_is_byte_identical(
             assert got["bytes"] == TRANSFER_BYTES
             assert got["sha256"] == want["sha256"] == expected_sha256(TRANSFER_BYTES, "lossy")
             rate = TRANSFER_BYTES * 8 / got["seconds"] / 1e6
-            report(record_property, "lossy_transfer_s", got["seconds"],
-                   f"20 MB through 5% loss + 5% reordering ({rate:.1f} Mbit/s)")
+            report(
+                record_property,
+                "lossy_transfer_s",
+                got["seconds"],
+                f"20 MB through 5% loss + 5% reordering ({rate:.1f} Mbit/s)",
+            )
 
             stats = (await relay(files, stats=True))["stats"]
             up, down = stats["up"], stats["down"]
-            print(f"relay: up {up['received']} in, {up['lost']} lost, {up['reordered']} "
-                  f"reordered; down {down['received']} in, {down['lost']} lost, "
-                  f"{down['reordered']} reordered")
+            print(
+                f"relay: up {up['received']} in, {up['lost']} lost, {up['reordered']} "
+                f"reordered; down {down['received']} in, {down['lost']} lost, "
+                f"{down['reordered']} reordered"
+            )
             # the faults really happened, at about the configured rates
             for direction in (up, down):
                 assert 0.03 < direction["lost"] / direction["received"] < 0.07, stats
@@ -357,7 +384,8 @@ async def test_address_change_mid_transfer_needs_no_reconnect(
 
             async def run_transfer() -> None:
                 result["got"], result["want"] = await transfer(
-                    nursery, line, TRANSFER_BYTES, "roam", allowed=60)
+                    nursery, line, TRANSFER_BYTES, "roam", allowed=60
+                )
 
             async def up_bytes() -> int:
                 return (await relay(files, stats=True))["stats"]["up"]["bytes_forwarded"]
@@ -368,11 +396,13 @@ async def test_address_change_mid_transfer_needs_no_reconnect(
             # first a new port (NAT rebinding), then a new address too
             # (early enough that even a fast run, 20 MB in well under a second, is still on)
             for at_bytes, host in ((2_000_000, True), (6_000_000, RELAY_SOURCE2)):
+
                 async def moved_enough(at_bytes: int = at_bytes) -> bool:
                     return await up_bytes() - start >= at_bytes
 
-                await wait_for(moved_enough, f"{at_bytes} bytes through the relay", within=30,
-                               every=0.005)
+                await wait_for(
+                    moved_enough, f"{at_bytes} bytes through the relay", within=30, every=0.005
+                )
                 assert "got" not in result, "the transfer ended before the address changed"
                 answer = await relay(files, rebind=host)
                 rebinds.append(answer["stats"]["up"]["bytes_forwarded"])
@@ -385,8 +415,12 @@ async def test_address_change_mid_transfer_needs_no_reconnect(
             got, want = result["got"], result["want"]
             assert got["bytes"] == TRANSFER_BYTES
             assert got["sha256"] == want["sha256"] == expected_sha256(TRANSFER_BYTES, "roam")
-            report(record_property, "roaming_transfer_s", got["seconds"],
-                   "20 MB with two address changes on the way")
+            report(
+                record_property,
+                "roaming_transfer_s",
+                got["seconds"],
+                "20 MB with two address changes on the way",
+            )
 
             final = await up_bytes()
             assert final - rebinds[-1] >= 1_000_000, "too little went over the last address"
@@ -410,7 +444,7 @@ async def test_relay_daemon_refuses_an_address_it_does_not_have(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
-            argv = [PY, "-m", "tunnel.testing.relay", "--listen", "10.99.0.1:4433",
+            argv = [*tool_argv("relay"), "--listen", "10.99.0.1:4433",
                     "--upstream", SERVER_LISTEN]  # fmt: skip
             with pytest.raises(DaemonError, match="exited with 1"):
                 await start_daemon(nursery, line.relay, argv, name="relay")

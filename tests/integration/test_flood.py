@@ -16,7 +16,8 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support import tool_argv
+from tests.support.netns import (
     Netns,
     bridge,
     cli_status,
@@ -26,8 +27,8 @@ from tunnel.testing.netns import (
     tcp_transfer,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
-from tunnel.testing.transfer import expected_sha256
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.transfer import expected_sha256
 
 PY = sys.executable
 TRANSFER_BYTES = 20 * 1000 * 1000
@@ -75,7 +76,7 @@ async def test_transfer_survives_a_flood_of_garbage_and_bogus_handshakes(
             )  # fmt: skip
             flooder = await start_daemon(
                 nursery, lan.attacker,
-                [PY, "-m", "tunnel.testing.flood", "--target", "10.77.0.1:4433",
+                [*tool_argv("flood"), "--target", "10.77.0.1:4433",
                  "--seconds", str(FLOOD_SECONDS), "--rate", "3000"],
                 name="flood",
             )  # fmt: skip

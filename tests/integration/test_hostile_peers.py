@@ -27,10 +27,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.core.messages import CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PROTOCOL
-from tunnel.daemon.control import query_status
-from tunnel.errors import TunnelError
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Daemon,
     Netns,
     cli_status,
@@ -39,11 +36,14 @@ from tunnel.testing.netns import (
     start_daemon,
     tcp_transfer,
 )
-from tunnel.testing.netns import (
+from tests.support.netns import (
     star as netns_star,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
-from tunnel.testing.transfer import expected_sha256
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.transfer import expected_sha256
+from tunnel.core.messages import CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PROTOCOL
+from tunnel.daemon.control import query_status
+from tunnel.errors import TunnelError
 
 TunnelFiles = Any  # what conftest's `files` fixture gives (tests/ is not a package)
 

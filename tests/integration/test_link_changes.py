@@ -14,8 +14,7 @@ from typing import Any
 
 import trio
 
-from tunnel.daemon.control import query_status
-from tunnel.testing.netns import (
+from tests.support.netns import (
     cli_status,
     netns,
     open_daemon_nursery,
@@ -23,7 +22,8 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
+from tests.support.netns import tunnel_cli as tunnel
+from tunnel.daemon.control import query_status
 
 TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)
 

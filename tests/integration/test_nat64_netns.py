@@ -17,7 +17,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Netns,
     cli_status,
     ip,
@@ -28,8 +28,8 @@ from tunnel.testing.netns import (
     tcp_transfer,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
-from tunnel.testing.transfer import expected_sha256
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.transfer import expected_sha256
 
 PY = sys.executable
 TEST_TIMEOUT = 120

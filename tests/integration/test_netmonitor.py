@@ -17,8 +17,8 @@ import attrs
 import pytest
 import trio
 
+from tests.support.netns import Netns, Veth, ip, ip_json, netns, run, veth
 from tunnel.core.netchange import RT_TABLE_MAIN, NetworkChange, gains, matters
-from tunnel.testing.netns import Netns, Veth, ip, ip_json, netns, run, veth
 
 PY = sys.executable
 WAIT_S = 10  # bound on each wait for a batch; batches come 0.2 s after a change

@@ -14,9 +14,10 @@ import time
 import pytest
 import trio
 
-from tunnel.testing import netns as nstools
-from tunnel.testing.netns import DaemonError, netns, open_daemon_nursery, run, start_daemon, veth
-from tunnel.testing.transfer import expected_sha256
+from tests.support import netns as nstools
+from tests.support import tool_argv
+from tests.support.netns import DaemonError, netns, open_daemon_nursery, run, start_daemon, veth
+from tests.support.transfer import expected_sha256
 
 TEST_TIMEOUT = 60
 
@@ -148,7 +149,7 @@ async def test_cancelled_nursery_kills_a_daemon_ignoring_sigterm() -> None:
 
 
 async def test_transfer_tool_over_veth_v4_and_v6() -> None:
-    tool = [sys.executable, "-m", "tunnel.testing.transfer"]
+    tool = tool_argv("transfer")
     with trio.fail_after(TEST_TIMEOUT):
         with netns("hg") as a, netns("hh") as b:
             veth(a, b, ["10.77.7.1/24", "fd77:7::1/64"], ["10.77.7.2/24", "fd77:7::2/64"])

@@ -23,8 +23,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.daemon.control import query_status
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Daemon,
     Netns,
     cli_status,
@@ -32,10 +31,11 @@ from tunnel.testing.netns import (
     run,
     start_daemon,
 )
-from tunnel.testing.netns import (
+from tests.support.netns import (
     star as netns_star,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
+from tests.support.netns import tunnel_cli as tunnel
+from tunnel.daemon.control import query_status
 
 Key = Any
 TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)

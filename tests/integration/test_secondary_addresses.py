@@ -22,7 +22,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Netns,
     ip_json,
     netns,
@@ -31,7 +31,7 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
+from tests.support.netns import tunnel_cli as tunnel
 
 PY = sys.executable
 ECHO = str(Path(__file__).resolve().parent / "pktinfo_echo.py")

@@ -27,8 +27,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.daemon.control import query_status
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Daemon,
     Netns,
     cli_status,
@@ -38,7 +37,8 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
+from tests.support.netns import tunnel_cli as tunnel
+from tunnel.daemon.control import query_status
 
 TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)
 

@@ -13,7 +13,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Netns,
     bridge,
     ip_json,
@@ -23,7 +23,7 @@ from tunnel.testing.netns import (
     start_daemon,
     veth,
 )
-from tunnel.testing.netns import tunnel_cli as tunnel
+from tests.support.netns import tunnel_cli as tunnel
 
 PY = sys.executable
 TunnelFiles = Any  # what the `files` fixture of conftest.py gives

@@ -15,7 +15,7 @@ Topology::
 The supervisors' state changes happen in other processes, so the tests poll them (every
 :data:`POLL_S`) under a deadline; each test is bounded by ``trio.fail_after``. On the way out
 every supervisor is stopped (then killed), the namespaces deleted with whatever still runs in
-them, and the logs of every service are echoed at DEBUG on ``tunnel.testing``, which pytest
+them, and the logs of every service are echoed at DEBUG on ``tests.support``, which pytest
 shows under "Captured log call" when a test fails.
 """
 
@@ -39,7 +39,7 @@ import attrs
 import pytest
 import trio
 
-from tunnel.testing.netns import (
+from tests.support.netns import (
     Netns,
     ip_json,
     netns,
@@ -52,7 +52,7 @@ from tunnel.testing.netns import (
 # import cleanly (tests/ is not a package): they are annotated as Any here.
 TunnelFiles = Any
 
-log = logging.getLogger("tunnel.testing.supervisors")
+log = logging.getLogger("tests.support.supervisors")
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = REPO / "scripts" / "service"
@@ -216,7 +216,11 @@ def _echo_logs(services: tuple[Service, ...], supervisor_out: Path) -> None:
 
 
 async def sh(
-    argv: list[str], *, cwd: Path | None = None, check: bool = True, timeout: float = 30  # noqa: ASYNC109
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 30,  # noqa: ASYNC109
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` here (supervisor tools talk through fifos in the file system, so the
     network namespace does not matter), capture its output as text."""

@@ -45,7 +45,7 @@ def reconnect_delay(attempt: int, jitter: float) -> float:
     return _delay(attempt, jitter, BASE_S, CAP_S, MAX_JITTER_S)
 
 
-def _non_negative(_instance: object, attribute: attrs.Attribute, value: float) -> None:
+def _non_negative(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 

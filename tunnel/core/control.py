@@ -30,6 +30,7 @@ from tunnel.core.messages import (
     CLOSE_PROTOCOL,
     AuthRequest,
     AuthResponse,
+    Frame,
     FrameDecoder,
     Packet,
     Ping,
@@ -90,7 +91,9 @@ class _Endpoint:
         """The peer asked us to stop sending on a stream (STOP_SENDING)."""
         raise _violation(f"STOP_SENDING on stream {stream_id}")
 
-    def _decode(self, decoder: FrameDecoder, data: bytes, end_stream: bool, stream: str) -> list:
+    def _decode(
+        self, decoder: FrameDecoder, data: bytes, end_stream: bool, stream: str
+    ) -> list[Frame]:
         try:
             frames = decoder.feed(data)
         except DecodeError as exc:

@@ -178,6 +178,4 @@ class Reassembly:
 
 
 def _overlaps(datagram: _Datagram, start: int, end: int) -> bool:
-    return any(
-        start < at + len(piece) and at < end for at, piece in datagram.pieces.items()
-    )
+    return any(start < at + len(piece) and at < end for at, piece in datagram.pieces.items())

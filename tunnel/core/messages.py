@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import attrs
 
@@ -115,12 +116,16 @@ _HEADER_SIZE = _HEADER.size
 _TRANSCRIPT_LABEL = b"tunnel-auth-v2\x00"
 _DEVICE_ID = struct.Struct(">Q")
 
+_T = TypeVar("_T")
+# What attrs takes as a field validator (its own alias for it is private).
+_Validator: TypeAlias = Callable[[Any, "attrs.Attribute[_T]", _T], Any]
+
 
 # --- validators shared by the message classes --------------------------------------------------
 
 
-def _int_in(lo: int, hi: int):
-    def check(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _int_in(lo: int, hi: int) -> _Validator[Any]:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{attribute.name} must be an int, not {type(value).__name__}")
         if not lo <= value <= hi:
@@ -129,8 +134,8 @@ def _int_in(lo: int, hi: int):
     return check
 
 
-def _bytes_of(size: int):
-    def check(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _bytes_of(size: int) -> _Validator[Any]:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, bytes):
             raise TypeError(f"{attribute.name} must be bytes, not {type(value).__name__}")
         if len(value) != size:
@@ -139,7 +144,7 @@ def _bytes_of(size: int):
     return check
 
 
-def _optional_text(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _optional_text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
     if not isinstance(value, str):
@@ -151,7 +156,7 @@ def _optional_text(_instance: object, attribute: attrs.Attribute, value: object)
         raise ValueError(f"{attribute.name} is not encodable as UTF-8") from None
 
 
-def _optional(cls: type):
+def _optional(cls: type[_T]) -> _Validator[_T | None]:
     return attrs.validators.optional(attrs.validators.instance_of(cls))
 
 
@@ -258,7 +263,7 @@ class Packet:
     data: bytes = attrs.field()
 
     @data.validator
-    def _check_data(self, _attribute: attrs.Attribute, value: object) -> None:
+    def _check_data(self, _attribute: attrs.Attribute[bytes], value: object) -> None:
         if not isinstance(value, bytes):
             raise TypeError(f"Packet.data must be bytes, not {type(value).__name__}")
         if len(value) > MAX_PACKET:
@@ -360,19 +365,20 @@ def encode_frame(msg: Frame) -> bytes:
     Raises ``ValueError`` for local misuse (packet over ``MAX_PACKET``, control payload over
     ``MAX_CONTROL_PAYLOAD``) and ``TypeError`` for an object that is not a frame.
     """
-    kind = type(msg)
-    if kind is Packet:
+    if type(msg) is Packet:
         data = msg.data
         if len(data) > MAX_PACKET:
             raise ValueError(f"packet of {len(data)} bytes exceeds {MAX_PACKET}")
         return _HEADER.pack(FRAME_PACKET, len(data)) + data
-    if kind is Ping:
+    if type(msg) is Ping:
         return b"\x01"
-    if kind is Pong:
+    if type(msg) is Pong:
         return b"\x02"
-    frame_type = _CONTROL_TYPES.get(kind)
-    if frame_type is None:
-        raise TypeError(f"not a frame: {kind.__name__}")
+    frame_type = _CONTROL_TYPES.get(type(msg))
+    # isinstance() only narrows the type for mypy: no subclass of Packet, Ping or Pong is in
+    # _CONTROL_TYPES either
+    if frame_type is None or isinstance(msg, Packet | Ping | Pong):
+        raise TypeError(f"not a frame: {type(msg).__name__}")
     payload = encode_control_payload(msg)
     return _HEADER.pack(frame_type, len(payload)) + payload
 
@@ -500,7 +506,7 @@ def _decode_auth_response(obj: dict[str, Any]) -> AuthResponse:
     )
 
 
-_DECODERS = {
+_DECODERS: dict[int, Callable[[dict[str, Any]], ControlMessage]] = {
     FRAME_SERVER_HELLO: _decode_server_hello,
     FRAME_AUTH_REQUEST: _decode_auth_request,
     FRAME_AUTH_RESPONSE: _decode_auth_response,
@@ -609,7 +615,7 @@ def _frame_size(pending: bytearray) -> int:
         raise DecodeError(f"unknown frame type 0x{frame_type:02x}")
     if len(pending) < _HEADER_SIZE:
         return _HEADER_SIZE
-    _, length = _HEADER.unpack_from(pending, 0)
+    length: int = _HEADER.unpack_from(pending, 0)[1]
     if length > limit:
         raise DecodeError(f"frame 0x{frame_type:02x} announces {length} bytes, max {limit}")
     return _HEADER_SIZE + length

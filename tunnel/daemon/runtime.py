@@ -23,7 +23,7 @@ log = logging.getLogger("tunnel")
 CONTROL_REQUEST_MAX = 1024
 
 
-def _lone_tunnel_error(group: BaseExceptionGroup) -> TunnelError | None:
+def _lone_tunnel_error(group: BaseExceptionGroup[BaseException]) -> TunnelError | None:
     if len(group.exceptions) != 1:
         return None
     inner = group.exceptions[0]

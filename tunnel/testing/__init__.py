@@ -1,1 +1,1 @@
-"""Helpers shipped with the package for tests: network namespaces, fakes."""
+"""In-memory fakes (network, TUN, platform) for tests, here and in other projects."""

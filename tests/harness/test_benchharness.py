@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunnel.testing.benchharness import (
+from bench.harness import (
     FIGURES,
     BenchError,
     combine_pings,
@@ -24,8 +24,12 @@ rtt min/avg/max/mdev = 0.812/1.042/1.503/0.190 ms
 
 def test_ping_summary_is_parsed():
     assert parse_ping(PING_OUTPUT) == {
-        "min_ms": 0.812, "avg_ms": 1.042, "max_ms": 1.503, "mdev_ms": 0.19,
-        "sent": 10, "received": 9,
+        "min_ms": 0.812,
+        "avg_ms": 1.042,
+        "max_ms": 1.503,
+        "mdev_ms": 0.19,
+        "sent": 10,
+        "received": 9,
     }
     with pytest.raises(BenchError):
         parse_ping("ping: connect: Network is unreachable")

@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -24,10 +23,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel.testing.relay import UdpRelay, _answer_line, apply_command, send_command
+from tests.support import tool_argv
+from tests.support.relay import UdpRelay, _answer_line, apply_command, send_command
 
 HOST = "127.0.0.1"
 BOUND = 10  # seconds any of these tests may take
@@ -407,8 +407,14 @@ def test_apply_command_sets_faults_and_reports() -> None:
     relay = idle_relay()
     answer = apply_command(relay, {"loss": 0.05, "delay": 0.01, "blackhole": True})
     assert answer["ok"] is True
-    assert answer["faults"] == {"loss": 0.05, "delay": 0.01, "jitter": 0.0, "reorder": 0.0,
-                                "duplicate": 0.0, "blackhole": True}
+    assert answer["faults"] == {
+        "loss": 0.05,
+        "delay": 0.01,
+        "jitter": 0.0,
+        "reorder": 0.0,
+        "duplicate": 0.0,
+        "blackhole": True,
+    }
     assert (relay.loss, relay.delay, relay.blackhole) == (0.05, 0.01, True)
     assert answer["stats"]["forwarded"] == 0 and "up" in answer["stats"]
     assert apply_command(relay, {"stats": True})["faults"] == answer["faults"]
@@ -432,9 +438,16 @@ def test_any_control_line_gets_one_json_answer(line: bytes) -> None:
     assert isinstance(answer, dict) and isinstance(answer["ok"], bool)
 
 
-@given(st.dictionaries(st.sampled_from(["loss", "delay", "jitter", "reorder", "duplicate",
-                                        "blackhole", "rebind", "stats", "x"]),
-                       st.none() | st.booleans() | st.floats() | st.integers() | st.text()))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["loss", "delay", "jitter", "reorder", "duplicate", "blackhole", "rebind", "stats", "x"]
+        ),
+        st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+    )
+)
+# Generating text is slow on a busy machine without an example database (a fresh clone).
+@settings(suppress_health_check=[HealthCheck.too_slow])
 def test_any_command_object_is_answered_and_applied_all_or_nothing(command: Any) -> None:
     relay = idle_relay()
     before = relay.faults()
@@ -456,12 +469,13 @@ async def test_cli_relays_and_obeys_its_control_socket(new_udp: UdpFactory) -> N
     with tempfile.TemporaryDirectory(prefix="relay-") as tmp:
         control = Path(tmp) / "relay.sock"
         read_fd, write_fd = os.pipe()
-        argv = [sys.executable, "-m", "tunnel.testing.relay", "--listen", f"{HOST}:{port}",
+        argv = [*tool_argv("relay"), "--listen", f"{HOST}:{port}",
                 "--upstream", f"{HOST}:{sink_port}", "--seed", "3", "--control", str(control),
                 "--ready-fd", str(write_fd)]  # fmt: skip
         with trio.fail_after(BOUND):
             proc = await trio.lowlevel.open_process(
-                argv, pass_fds=(write_fd,), stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                argv, pass_fds=(write_fd,), stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            )
             os.close(write_fd)
             try:
                 async with trio.lowlevel.FdStream(read_fd) as ready:
@@ -494,12 +508,13 @@ async def test_cli_relays_and_obeys_its_control_socket(new_udp: UdpFactory) -> N
 
 async def test_cli_control_on_stdin(new_udp: UdpFactory) -> None:
     sink = new_udp()
-    argv = [sys.executable, "-m", "tunnel.testing.relay", "--listen", f"{HOST}:0",
+    argv = [*tool_argv("relay"), "--listen", f"{HOST}:0",
             "--upstream", f"{HOST}:{sink.getsockname()[1]}", "--control", "-"]  # fmt: skip
     commands = b'{"loss": 0.25}\nnot json\n{"stats": true}\n'
     with trio.fail_after(BOUND):
-        proc = await trio.run_process(argv, stdin=commands, capture_stdout=True,
-                                      capture_stderr=True, check=False)
+        proc = await trio.run_process(
+            argv, stdin=commands, capture_stdout=True, capture_stderr=True, check=False
+        )
     answers = [json.loads(line) for line in proc.stdout.decode().splitlines()]
     assert proc.returncode == 0, proc.stderr
     assert [a["ok"] for a in answers] == [True, False, True]
@@ -507,8 +522,11 @@ async def test_cli_control_on_stdin(new_udp: UdpFactory) -> None:
 
 
 def test_cli_refuses_bad_arguments() -> None:
-    for args in (["--listen", "nowhere", "--upstream", "127.0.0.1:1"],
-                 ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--loss", "2"]):
-        proc = subprocess.run([sys.executable, "-m", "tunnel.testing.relay", *args],
-                              capture_output=True, text=True, timeout=BOUND, check=False)
+    for args in (
+        ["--listen", "nowhere", "--upstream", "127.0.0.1:1"],
+        ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--loss", "2"],
+    ):
+        proc = subprocess.run(
+            tool_argv("relay", *args), capture_output=True, text=True, timeout=BOUND, check=False
+        )
         assert proc.returncode == 2, proc.stderr

@@ -22,7 +22,7 @@ tracked (the least recently seen one is forgotten first).
 
 Command line, for running a relay inside a network namespace (``ip netns exec``)::
 
-    python -m tunnel.testing.relay --listen H:P --upstream H:P [--loss 0.05] [--reorder 0.02]
+    python tests/support/relay.py --listen H:P --upstream H:P [--loss 0.05] [--reorder 0.02]
         [--delay 0.001] [--jitter S] [--duplicate P] [--blackhole] [--seed N]
         [--bind HOST] [--control PATH|-] [--ready-fd N]
 
@@ -68,7 +68,7 @@ __all__ = [
     "send_command",
 ]
 
-log = logging.getLogger("tunnel.testing.relay")
+log = logging.getLogger("tests.support.relay")
 
 Address = Any  # (host, port) or the 4-tuple of IPv6, exactly as the socket reports it
 
@@ -333,11 +333,15 @@ class UdpRelay:
             old, flow.sock = flow.sock, sock
             _close(old)  # wakes the flow's reader, which moves to the new socket
         self._rebinds += 1
-        log.info("rebound %d upstream socket(s)%s", len(self._flows),
-                 f" to {self.upstream_bind}" if self.upstream_bind else "")
+        log.info(
+            "rebound %d upstream socket(s)%s",
+            len(self._flows),
+            f" to {self.upstream_bind}" if self.upstream_bind else "",
+        )
 
-    async def run(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Bind, report the listen address through ``task_status``, and relay until
         cancelled. Closes every socket on the way out."""
         self._upstream_addr = await _resolve(*self.upstream)
@@ -451,8 +455,7 @@ class UdpRelay:
 
     # -- faults and scheduling ------------------------------------------------------------------
 
-    def _ingress(self, data: bytes, flow: _Flow, up: bool, counters: _Counters,
-                 now: float) -> None:
+    def _ingress(self, data: bytes, flow: _Flow, up: bool, counters: _Counters, now: float) -> None:
         rng = self.rng
         if self.loss and rng.random() < self.loss:
             counters.lost += 1
@@ -616,9 +619,9 @@ async def _serve_lines(relay: UdpRelay, receive: Any, send: Callable[[bytes], An
                 await send(_answer_line(relay, line))
 
 
-async def _serve_control_socket(relay: UdpRelay, path: Path,
-                                *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                                ) -> None:
+async def _serve_control_socket(
+    relay: UdpRelay, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     _unlink(path)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
@@ -643,7 +646,7 @@ async def _serve_connection(relay: UdpRelay, conn: trio.socket.SocketType) -> No
     async def send(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[await conn.send(view):]
+            view = view[await conn.send(view) :]
 
     with conn:
         try:
@@ -658,8 +661,7 @@ async def _serve_stdin(relay: UdpRelay, stop: trio.CancelScope) -> None:
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
     async with stdin, stdout:
-        await _serve_lines(relay, lambda: stdin.receive_some(CONTROL_LINE_MAX),
-                           stdout.send_all)
+        await _serve_lines(relay, lambda: stdin.receive_some(CONTROL_LINE_MAX), stdout.send_all)
     log.info("control: end of stdin, stopping")
     stop.cancel()
 
@@ -674,7 +676,7 @@ async def send_command(path: str | os.PathLike[str], command: dict[str, Any]) ->
         data = json.dumps(command).encode() + b"\n"
         view = memoryview(data)
         while view:
-            view = view[await sock.send(view):]
+            view = view[await sock.send(view) :]
         buf = b""
         while b"\n" not in buf:
             chunk = await sock.recv(65536)
@@ -703,24 +705,27 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tunnel.testing.relay",
+        prog="python tests/support/relay.py",
         description="A UDP relay that drops, delays, reorders, duplicates and black-holes.",
     )
-    parser.add_argument("--listen", type=_hostport, required=True,
-                        help="HOST:PORT clients send to ([v6]:port for IPv6)")
-    parser.add_argument("--upstream", type=_hostport, required=True,
-                        help="HOST:PORT to relay to")
+    parser.add_argument(
+        "--listen",
+        type=_hostport,
+        required=True,
+        help="HOST:PORT clients send to ([v6]:port for IPv6)",
+    )
+    parser.add_argument("--upstream", type=_hostport, required=True, help="HOST:PORT to relay to")
     parser.add_argument("--bind", help="local address of the upstream sockets (default: any)")
     parser.add_argument("--loss", type=float, default=0.0, help="drop probability (0)")
     parser.add_argument("--delay", type=float, default=0.0, help="added delay, s (0)")
     parser.add_argument("--jitter", type=float, default=0.0, help="extra random delay, s (0)")
     parser.add_argument("--reorder", type=float, default=0.0, help="reorder probability (0)")
-    parser.add_argument("--duplicate", type=float, default=0.0,
-                        help="duplication probability (0)")
+    parser.add_argument("--duplicate", type=float, default=0.0, help="duplication probability (0)")
     parser.add_argument("--blackhole", action="store_true", help="start partitioned")
     parser.add_argument("--seed", type=int, help="seed of the random decisions")
-    parser.add_argument("--max-queued", type=int, default=4096,
-                        help="most datagrams waiting at once (4096)")
+    parser.add_argument(
+        "--max-queued", type=int, default=4096, help="most datagrams waiting at once (4096)"
+    )
     parser.add_argument("--control", help="control channel: a Unix socket path, or - for stdin")
     parser.add_argument("--ready-fd", type=int, help="write a newline here once relaying")
     return parser
@@ -733,8 +738,7 @@ async def _main(args: argparse.Namespace, relay: UdpRelay) -> None:
             nursery.start_soon(_serve_stdin, relay, nursery.cancel_scope)
         elif args.control:
             await nursery.start(_serve_control_socket, relay, Path(args.control))
-        log.info("relaying %s -> %s:%d (%s)", address, *args.upstream,
-                 json.dumps(relay.faults()))
+        log.info("relaying %s -> %s:%d (%s)", address, *args.upstream, json.dumps(relay.faults()))
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"\n")
             os.close(args.ready_fd)
@@ -749,14 +753,19 @@ def main(argv: list[str] | None = None) -> int:
     the sockets cannot be set up. The final counters go to stderr as one JSON line."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="relay: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="relay: %(message)s")
     try:
         relay = UdpRelay(
-            args.listen, args.upstream,
+            args.listen,
+            args.upstream,
             rng=random.Random(args.seed),
-            loss=args.loss, delay=args.delay, jitter=args.jitter, reorder=args.reorder,
-            duplicate=args.duplicate, blackhole=args.blackhole, upstream_bind=args.bind,
+            loss=args.loss,
+            delay=args.delay,
+            jitter=args.jitter,
+            reorder=args.reorder,
+            duplicate=args.duplicate,
+            blackhole=args.blackhole,
+            upstream_bind=args.bind,
             max_queued=args.max_queued,
         )
     except ValueError as exc:
@@ -769,8 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     if failure is not None:
         print(f"relay: {failure}", file=sys.stderr, flush=True)
         return 1
-    print("relay: stats " + json.dumps(relay.statistics().as_dict()), file=sys.stderr,
-          flush=True)
+    print("relay: stats " + json.dumps(relay.statistics().as_dict()), file=sys.stderr, flush=True)
     return 0
 
 

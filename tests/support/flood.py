@@ -1,6 +1,6 @@
 """A bounded flood of hostile datagrams at a tunnel server, for tests in namespaces.
 
-    python -m tunnel.testing.flood --target 10.77.0.1:4433 --seconds 10 --rate 2000
+    python tests/support/flood.py --target 10.77.0.1:4433 --seconds 10 --rate 2000
 
 Each round sends a mix of: random bytes, truncated QUIC Initials, complete QUIC Initials of
 connections that never finish their handshake (a fresh source port each, so the server sees many
@@ -32,15 +32,21 @@ def initial_datagrams(target: tuple[str, int]) -> list[bytes]:
     return [data for data, _ in quic.datagrams_to_send(now=time.monotonic())]
 
 
-def flood(target: tuple[str, int], *, seconds: float, rate: float, count: int,
-          seed: int) -> dict[str, int]:
+def flood(
+    target: tuple[str, int], *, seconds: float, rate: float, count: int, seed: int
+) -> dict[str, int]:
     rng = random.Random(seed)
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     sockets = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(SOCKETS)]
     for sock in sockets:
         sock.setblocking(False)
-    sent = {"garbage": 0, "truncated_initial": 0, "initial": 0, "replayed_initial": 0,
-            "send_errors": 0}
+    sent = {
+        "garbage": 0,
+        "truncated_initial": 0,
+        "initial": 0,
+        "replayed_initial": 0,
+        "send_errors": 0,
+    }
     recorded: list[bytes] = []
     interval = 1.0 / rate
     deadline = time.monotonic() + seconds
@@ -79,7 +85,7 @@ def flood(target: tuple[str, int], *, seconds: float, rate: float, count: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunnel.testing.flood")
+    parser = argparse.ArgumentParser(prog="python tests/support/flood.py")
     parser.add_argument("--target", required=True, metavar="HOST:PORT")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=2000.0, help="datagrams per second")

@@ -16,7 +16,7 @@ Everything is synchronous on purpose: the harness starts processes and waits for
 plain ``subprocess`` with timeouts is the least surprising way to do that. Every process is
 registered with a :class:`Bench`, started with ``PR_SET_PDEATHSIG`` (so even a SIGKILLed
 harness takes its children along) and stopped in ``finally``; the namespaces come from
-:mod:`tunnel.testing.netns`, whose exit kills whatever still runs inside and deletes them.
+:mod:`tests.support.netns`, whose exit kills whatever still runs inside and deletes them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import attrs
 
-from tunnel.testing import netns
+from tests.support import netns
 
 __all__ = [
     "CONTENDERS",
@@ -163,13 +163,22 @@ class Bench:
 
     def __enter__(self) -> Bench:
         try:
-            self.workdir = Path(self._stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=f"tnl-bench-{os.getpid()}-")))
+            self.workdir = Path(
+                self._stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f"tnl-bench-{os.getpid()}-")
+                )
+            )
             self.ns_a = self._stack.enter_context(netns.netns("bencha"))
             self.ns_b = self._stack.enter_context(netns.netns("benchb"))
-            netns.veth(self.ns_a, self.ns_b, f"{UNDERLAY_A}/{UNDERLAY_PREFIX}",
-                       f"{UNDERLAY_B}/{UNDERLAY_PREFIX}", mtu=UNDERLAY_MTU,
-                       name_a="bench-a", name_b="bench-b")
+            netns.veth(
+                self.ns_a,
+                self.ns_b,
+                f"{UNDERLAY_A}/{UNDERLAY_PREFIX}",
+                f"{UNDERLAY_B}/{UNDERLAY_PREFIX}",
+                mtu=UNDERLAY_MTU,
+                name_a="bench-a",
+                name_b="bench-b",
+            )
         except BaseException:
             self.close()
             raise
@@ -200,15 +209,28 @@ class Bench:
         assert self.ns_b is not None
         return self.ns_b
 
-    def spawn(self, ns: netns.Netns, argv: Sequence[str], name: str, *,
-              env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> Proc:
+    def spawn(
+        self,
+        ns: netns.Netns,
+        argv: Sequence[str],
+        name: str,
+        *,
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> Proc:
         """Start ``argv`` inside ``ns``; output to ``<workdir>/<name>.log``."""
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as out:
             popen = subprocess.Popen(
-                netns.exec_argv(ns, list(argv)), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env=env, pass_fds=tuple(pass_fds),
-                preexec_fn=_die_with_parent, start_new_session=True)
+                netns.exec_argv(ns, list(argv)),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=tuple(pass_fds),
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
+            )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         return proc
@@ -219,16 +241,31 @@ class Bench:
         with contextlib.suppress(ValueError):
             self.procs.remove(proc)
 
-    def run(self, ns: netns.Netns | None, argv: Sequence[str], *, timeout: float = 30,
-            check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        ns: netns.Netns | None,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30,
+        check: bool = True,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a short command (inside ``ns`` unless None) and capture its output."""
         cmd = netns.exec_argv(ns, list(argv))
-        proc = subprocess.run(cmd, input=input.decode() if input is not None else None,
-                              capture_output=True, text=True, timeout=timeout, check=False,
-                              preexec_fn=_die_with_parent)
+        proc = subprocess.run(
+            cmd,
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            preexec_fn=_die_with_parent,
+        )
         if check and proc.returncode != 0:
-            raise BenchError(f"{' '.join(cmd)} exited with {proc.returncode}: "
-                             f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+            raise BenchError(
+                f"{' '.join(cmd)} exited with {proc.returncode}: "
+                f"{(proc.stderr or proc.stdout).strip()[-2000:]}"
+            )
         return proc
 
 
@@ -262,8 +299,9 @@ def reap_own_leftovers(log: Callable[[str], None]) -> None:
     """Remove what an earlier benchmark run killed with SIGKILL left behind: its namespaces,
     temp dir and wireguard-go sockets. Only names this module makes, carrying the pid of a
     process that no longer exists, are touched. (Its processes died with it: PDEATHSIG.)"""
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                             check=False).stdout
+    listing = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=False
+    ).stdout
     for line in listing.splitlines():
         name = line.split(" ", 1)[0]
         match = _LEFTOVER_NS_RE.match(name)
@@ -290,7 +328,7 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     # comm (field 2) may hold spaces and parentheses: the fields we want follow the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -307,14 +345,17 @@ def runqueue_wait_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-              proc: Sequence[Proc] = ()) -> None:
+def _wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, proc: Sequence[Proc] = ()
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         for p in proc:
             if p.popen.poll() is not None:
-                raise BenchError(f"{p.name} exited with {p.popen.returncode} while waiting "
-                                 f"for {what}:\n{p.log_tail()}")
+                raise BenchError(
+                    f"{p.name} exited with {p.popen.returncode} while waiting "
+                    f"for {what}:\n{p.log_tail()}"
+                )
         if time.monotonic() > deadline:
             tails = "".join(f"\n--- {p.name} ---\n{p.log_tail()}" for p in proc)
             raise BenchError(f"timed out after {timeout:g} s waiting for {what}{tails}")
@@ -377,8 +418,7 @@ class TunnelContender(Contender):
     def _start_ready(self, bench: Bench, ns: netns.Netns, argv: list[str], name: str) -> Proc:
         read_fd, write_fd = os.pipe()
         try:
-            proc = bench.spawn(ns, [*argv, "--ready-fd", str(write_fd)], name,
-                               pass_fds=(write_fd,))
+            proc = bench.spawn(ns, [*argv, "--ready-fd", str(write_fd)], name, pass_fds=(write_fd,))
         finally:
             os.close(write_fd)
         self.procs.append(proc)
@@ -388,16 +428,19 @@ class TunnelContender(Contender):
             while b"\n" not in buf:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BenchError(f"{name} not ready after {READY_TIMEOUT_S:g} s:\n"
-                                     f"{proc.log_tail()}")
+                    raise BenchError(
+                        f"{name} not ready after {READY_TIMEOUT_S:g} s:\n{proc.log_tail()}"
+                    )
                 readable, _, _ = select.select([read_fd], [], [], left)
                 if readable:
                     chunk = os.read(read_fd, 64)
                     if not chunk:
                         with contextlib.suppress(subprocess.TimeoutExpired):
                             proc.popen.wait(2)
-                        raise BenchError(f"{name} exited ({proc.popen.returncode}) before "
-                                         f"becoming ready:\n{proc.log_tail()}")
+                        raise BenchError(
+                            f"{name} exited ({proc.popen.returncode}) before "
+                            f"becoming ready:\n{proc.log_tail()}"
+                        )
                     buf += chunk
         finally:
             os.close(read_fd)
@@ -415,31 +458,50 @@ class TunnelContender(Contender):
             f'key_file = "{server_key}"\n'
             f'network = "{self.network}.0/24"\n'
             f'auth_tokens = ["{token}"]\n'
-            f'mtu = {TUNNEL_MTU}\n'
+            f"mtu = {TUNNEL_MTU}\n"
             f'tun_name = "tnb{pid}s"\n'
-            f'control_socket = "{work / "server.sock"}"\n')
+            f'control_socket = "{work / "server.sock"}"\n'
+        )
         (work / "client.toml").write_text(
             f'server = "{UNDERLAY_A}:4433"\n'
             f'server_id = "{server_id}"\n'
             f'auth_token = "{token}"\n'
             f'key_file = "{client_key}"\n'
-            f'mtu = {TUNNEL_MTU}\n'
+            f"mtu = {TUNNEL_MTU}\n"
             f'tun_name = "tnb{pid}c"\n'
-            f'control_socket = "{work / "client.sock"}"\n')
-        server = self._start_ready(bench, bench.a, [
-            sys.executable, "-m", "tunnel", "server", "--config", str(work / "server.toml")],
-            "tunnel-server")
-        client = self._start_ready(bench, bench.b, [
-            sys.executable, "-m", "tunnel", "client", "--config", str(work / "client.toml")],
-            "tunnel-client")
+            f'control_socket = "{work / "client.sock"}"\n'
+        )
+        server = self._start_ready(
+            bench,
+            bench.a,
+            [sys.executable, "-m", "tunnel", "server", "--config", str(work / "server.toml")],
+            "tunnel-server",
+        )
+        client = self._start_ready(
+            bench,
+            bench.b,
+            [sys.executable, "-m", "tunnel", "client", "--config", str(work / "client.toml")],
+            "tunnel-client",
+        )
         return Endpoints(f"{self.network}.1", f"{self.network}.2", (server.pid,), (client.pid,))
 
     def extra(self, bench: Bench) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for side in ("server", "client"):
-            proc = bench.run(None, [sys.executable, "-m", "tunnel", "status", "--json",
-                                    "--socket", str(bench.workdir / f"{side}.sock")],
-                             check=False, timeout=10)
+            proc = bench.run(
+                None,
+                [
+                    sys.executable,
+                    "-m",
+                    "tunnel",
+                    "status",
+                    "--json",
+                    "--socket",
+                    str(bench.workdir / f"{side}.sock"),
+                ],
+                check=False,
+                timeout=10,
+            )
             try:
                 status = json.loads(proc.stdout)
             except ValueError:
@@ -470,8 +532,7 @@ class WireguardContender(Contender):
         # The UAPI socket lives in /var/run/wireguard/<ifname>.sock for every namespace
         # alike: names must be unique on the host, not just in the namespace.
         self.ifnames = (f"wgb{pid}a", f"wgb{pid}b")
-        env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1",
-                   LOG_LEVEL="error")
+        env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
         keys = []
         for side in "ab":
             private = bench.run(None, ["wg", "genkey"]).stdout.strip()
@@ -480,20 +541,36 @@ class WireguardContender(Contender):
             path.write_text(private + "\n")
             path.chmod(0o600)
             keys.append((path, public))
-        sides = [(bench.a, self.ifnames[0], UNDERLAY_B, 1, 2),
-                 (bench.b, self.ifnames[1], UNDERLAY_A, 2, 1)]
+        sides = [
+            (bench.a, self.ifnames[0], UNDERLAY_B, 1, 2),
+            (bench.b, self.ifnames[1], UNDERLAY_A, 2, 1),
+        ]
         pids = []
         for index, (ns, ifname, peer_underlay, me, peer) in enumerate(sides):
-            proc = bench.spawn(ns, ["wireguard-go", "-f", ifname], f"wireguard-go-{ifname}",
-                               env=env)
+            proc = bench.spawn(
+                ns, ["wireguard-go", "-f", ifname], f"wireguard-go-{ifname}", env=env
+            )
             self.procs.append(proc)
             sock = Path(f"/var/run/wireguard/{ifname}.sock")
             _wait_for(sock.exists, READY_TIMEOUT_S, f"{sock}", [proc])
-            bench.run(ns, ["wg", "set", ifname, "private-key", str(keys[index][0]),
-                           "listen-port", str(self.port),
-                           "peer", keys[1 - index][1],
-                           "allowed-ips", f"{self.network}.{peer}/32",
-                           "endpoint", f"{peer_underlay}:{self.port}"])
+            bench.run(
+                ns,
+                [
+                    "wg",
+                    "set",
+                    ifname,
+                    "private-key",
+                    str(keys[index][0]),
+                    "listen-port",
+                    str(self.port),
+                    "peer",
+                    keys[1 - index][1],
+                    "allowed-ips",
+                    f"{self.network}.{peer}/32",
+                    "endpoint",
+                    f"{peer_underlay}:{self.port}",
+                ],
+            )
             netns.ip(ns, "addr", "add", f"{self.network}.{me}/24", "dev", ifname)
             netns.ip(ns, "link", "set", ifname, "mtu", str(TUNNEL_MTU), "up")
             pids.append(proc.pid)
@@ -523,25 +600,55 @@ class OpenvpnContender(Contender):
         key = bench.workdir / "openvpn-static.key"
         bench.run(None, ["openvpn", "--genkey", "secret", str(key)])
         pid = os.getpid()
-        sides = [(bench.a, f"ovb{pid}a", UNDERLAY_A, UNDERLAY_B, 1, 2, "0"),
-                 (bench.b, f"ovb{pid}b", UNDERLAY_B, UNDERLAY_A, 2, 1, "1")]
+        sides = [
+            (bench.a, f"ovb{pid}a", UNDERLAY_A, UNDERLAY_B, 1, 2, "0"),
+            (bench.b, f"ovb{pid}b", UNDERLAY_B, UNDERLAY_A, 2, 1, "1"),
+        ]
         procs = []
         for ns, dev, local, remote, me, peer, direction in sides:
-            proc = bench.spawn(ns, [
-                "openvpn", "--dev", dev, "--dev-type", "tun", "--proto", "udp",
-                "--local", local, "--lport", str(self.port), "--remote", remote, str(self.port),
-                "--ifconfig", f"{self.network}.{me}", f"{self.network}.{peer}",
-                "--secret", str(key), direction, "--cipher", "AES-256-CBC", "--auth", "SHA256",
-                "--verb", "3"], f"openvpn-{dev}")
+            proc = bench.spawn(
+                ns,
+                [
+                    "openvpn",
+                    "--dev",
+                    dev,
+                    "--dev-type",
+                    "tun",
+                    "--proto",
+                    "udp",
+                    "--local",
+                    local,
+                    "--lport",
+                    str(self.port),
+                    "--remote",
+                    remote,
+                    str(self.port),
+                    "--ifconfig",
+                    f"{self.network}.{me}",
+                    f"{self.network}.{peer}",
+                    "--secret",
+                    str(key),
+                    direction,
+                    "--cipher",
+                    "AES-256-CBC",
+                    "--auth",
+                    "SHA256",
+                    "--verb",
+                    "3",
+                ],
+                f"openvpn-{dev}",
+            )
             self.procs.append(proc)
             procs.append(proc)
         for proc in procs:
+
             def initialised(proc: Proc = proc) -> bool:
                 return "Initialization Sequence Completed" in proc.log_path.read_text(
-                    errors="replace")
+                    errors="replace"
+                )
+
             _wait_for(initialised, READY_TIMEOUT_S, f"{proc.name} to initialise", procs)
-        return Endpoints(f"{self.network}.1", f"{self.network}.2", (procs[0].pid,),
-                         (procs[1].pid,))
+        return Endpoints(f"{self.network}.1", f"{self.network}.2", (procs[0].pid,), (procs[1].pid,))
 
 
 class VethContender(Contender):
@@ -576,8 +683,14 @@ def parse_ping(text: str) -> dict[str, float]:
         raise BenchError(f"cannot parse ping output: {text.strip()[-300:]!r}")
     sent, got = int(loss.group(1)), int(loss.group(2))
     mn, avg, mx, mdev = (float(g) for g in rtt.groups())
-    return {"min_ms": mn, "avg_ms": avg, "max_ms": mx, "mdev_ms": mdev,
-            "sent": sent, "received": got}
+    return {
+        "min_ms": mn,
+        "avg_ms": avg,
+        "max_ms": mx,
+        "mdev_ms": mdev,
+        "sent": sent,
+        "received": got,
+    }
 
 
 def parse_iperf3(text: str) -> dict[str, float]:
@@ -594,24 +707,33 @@ def parse_iperf3(text: str) -> dict[str, float]:
     try:
         received = data["end"]["sum_received"]
         sent = data["end"]["sum_sent"]
-        return {"mbit_s": received["bits_per_second"] / 1e6,
-                "bytes": float(received["bytes"]),
-                "seconds": float(received["seconds"]),
-                "retransmits": float(sent.get("retransmits", 0))}
+        return {
+            "mbit_s": received["bits_per_second"] / 1e6,
+            "bytes": float(received["bytes"]),
+            "seconds": float(received["seconds"]),
+            "retransmits": float(sent.get("retransmits", 0)),
+        }
     except (KeyError, TypeError) as exc:
         raise BenchError(f"iperf3 JSON lacks {exc}") from exc
 
 
 def _ping(bench: Bench, ns: netns.Netns, addr: str, count: int) -> dict[str, float]:
-    proc = bench.run(ns, ["ping", "-q", "-n", "-c", str(count), "-i", "0.05", "-W", "1", addr],
-                     check=False, timeout=count * 0.05 + 15)
+    proc = bench.run(
+        ns,
+        ["ping", "-q", "-n", "-c", str(count), "-i", "0.05", "-W", "1", addr],
+        check=False,
+        timeout=count * 0.05 + 15,
+    )
     return parse_ping(proc.stdout)
 
 
 def _wait_reachable(bench: Bench, ns: netns.Netns, addr: str, procs: Sequence[Proc]) -> None:
     def answered() -> bool:
-        return bench.run(ns, ["ping", "-q", "-n", "-c", "1", "-W", "1", addr],
-                         check=False).returncode == 0
+        return (
+            bench.run(ns, ["ping", "-q", "-n", "-c", "1", "-W", "1", addr], check=False).returncode
+            == 0
+        )
+
     _wait_for(answered, READY_TIMEOUT_S, f"{addr} to answer ping", procs)
 
 
@@ -623,10 +745,24 @@ def _wait_total(pids: Sequence[int]) -> float:
     return sum(runqueue_wait_seconds(pid) for pid in pids)
 
 
-def _iperf3(bench: Bench, ep: Endpoints, *, reverse: bool, flows: int,
-            seconds: float) -> dict[str, float]:
-    argv = ["iperf3", "-c", ep.addr_a, "-p", str(IPERF_PORT), "-t", f"{seconds:g}",
-            "-P", str(flows), "-J", "--connect-timeout", "3000", *(["-R"] if reverse else [])]
+def _iperf3(
+    bench: Bench, ep: Endpoints, *, reverse: bool, flows: int, seconds: float
+) -> dict[str, float]:
+    argv = [
+        "iperf3",
+        "-c",
+        ep.addr_a,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        f"{seconds:g}",
+        "-P",
+        str(flows),
+        "-J",
+        "--connect-timeout",
+        "3000",
+        *(["-R"] if reverse else []),
+    ]
     for attempt in range(3):
         cpu_a, cpu_b = _cpu_total(ep.pids_a), _cpu_total(ep.pids_b)
         wait_a, wait_b = _wait_total(ep.pids_a), _wait_total(ep.pids_b)
@@ -679,8 +815,12 @@ def turn_order(names: Sequence[str], round_index: int) -> list[str]:
     return [*names[shift:], *names[:shift]]
 
 
-def measure_rtt(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], pings: int,
-                log: Callable[[str], None]) -> dict[str, dict[str, float] | BenchError]:
+def measure_rtt(
+    bench: Bench,
+    running: dict[str, tuple[Contender, Endpoints]],
+    pings: int,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, float] | BenchError]:
     """Idle ping RTT of every running contender, interleaved: rounds of PING_ROUND pings to
     each, in rotating order, so a slow spell of the machine falls on all of them alike (run
     one after the other, the same figure moved by a quarter from minute to minute)."""
@@ -713,9 +853,11 @@ def measure_rtt(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], p
         if isinstance(result, BenchError):
             log(f"  {name}: ping FAILED: {result}")
         else:
-            log(f"  {name}: avg {result['avg_ms']:.3f} ms (min {result['min_ms']:.3f}, "
+            log(
+                f"  {name}: avg {result['avg_ms']:.3f} ms (min {result['min_ms']:.3f}, "
                 f"max {result['max_ms']:.3f}, {result['received']:.0f}/{result['sent']:.0f} "
-                f"answered, {result['rounds']:.0f} rounds)")
+                f"answered, {result['rounds']:.0f} rounds)"
+            )
     return outcome
 
 
@@ -733,18 +875,24 @@ def throughput_schedule(names: Sequence[str]) -> list[tuple[str, bool, int, str]
             for name in turn_order(names, index)]  # fmt: skip
 
 
-def _log_run(log: Callable[[str], None], name: str, key: str, result: dict[str, float],
-             seconds: float) -> None:
+def _log_run(
+    log: Callable[[str], None], name: str, key: str, result: dict[str, float], seconds: float
+) -> None:
     secs = result["seconds"] or seconds
-    per_gb = (f", CPU {result['cpu_server_s_per_gb']:.1f}/"
-              f"{result['cpu_client_s_per_gb']:.1f} s/GB server/client; busy "
-              f"{result['cpu_server_s'] / secs:.0%}/"
-              f"{result['cpu_client_s'] / secs:.0%}, waiting for a CPU "
-              f"{result['runqueue_wait_server_s'] / secs:.0%}/"
-              f"{result['runqueue_wait_client_s'] / secs:.0%} of the time"
-              if "cpu_server_s_per_gb" in result else "")
-    log(f"  {name} {key}: {result['mbit_s']:.0f} Mbit/s "
-        f"({result['retransmits']:.0f} retransmits{per_gb})")
+    per_gb = (
+        f", CPU {result['cpu_server_s_per_gb']:.1f}/"
+        f"{result['cpu_client_s_per_gb']:.1f} s/GB server/client; busy "
+        f"{result['cpu_server_s'] / secs:.0%}/"
+        f"{result['cpu_client_s'] / secs:.0%}, waiting for a CPU "
+        f"{result['runqueue_wait_server_s'] / secs:.0%}/"
+        f"{result['runqueue_wait_client_s'] / secs:.0%} of the time"
+        if "cpu_server_s_per_gb" in result
+        else ""
+    )
+    log(
+        f"  {name} {key}: {result['mbit_s']:.0f} Mbit/s "
+        f"({result['retransmits']:.0f} retransmits{per_gb})"
+    )
 
 
 def throughput_metrics(runs: dict[str, dict[str, float]], has_pids: bool) -> dict[str, float]:
@@ -757,24 +905,32 @@ def throughput_metrics(runs: dict[str, dict[str, float]], has_pids: bool) -> dic
     return metrics
 
 
-def measure_throughput(bench: Bench, running: dict[str, tuple[Contender, Endpoints]], *,
-                       seconds: float, log: Callable[[str], None]
-                       ) -> dict[str, dict[str, Any] | BenchError]:
+def measure_throughput(
+    bench: Bench,
+    running: dict[str, tuple[Contender, Endpoints]],
+    *,
+    seconds: float,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any] | BenchError]:
     """iperf3 both ways, 1 and 4 flows, with CPU per GB, for every running contender in the
     order of :func:`throughput_schedule` (one at a time: the others sit idle meanwhile).
     Returns ``{"metrics", "runs"}`` per contender, or the error that stopped it."""
     outcome: dict[str, dict[str, Any] | BenchError] = {}
     if shutil.which("iperf3") is None:
         log("  iperf3: skipped: iperf3 not installed")
-        return {name: {"metrics": {}, "runs": {"iperf3": "skipped: iperf3 not installed"}}
-                for name in running}
+        return {
+            name: {"metrics": {}, "runs": {"iperf3": "skipped: iperf3 not installed"}}
+            for name in running
+        }
     # One server in A answers every contender: it listens on all of A's addresses.
     server = bench.spawn(bench.a, ["iperf3", "-s", "-p", str(IPERF_PORT)], "iperf3-server")
     runs: dict[str, dict[str, dict[str, float]]] = {name: {} for name in running}
     try:
+
         def listening() -> bool:
             out = bench.run(bench.a, ["ss", "-Hltn", f"sport = :{IPERF_PORT}"], check=False)
             return str(IPERF_PORT) in out.stdout
+
         _wait_for(listening, 10, "the iperf3 server", [server])
         for key, reverse, flows, name in throughput_schedule(list(running)):
             if name in outcome:
@@ -792,8 +948,10 @@ def measure_throughput(bench: Bench, running: dict[str, tuple[Contender, Endpoin
         bench.stop(server)
     for name, (_, ep) in running.items():
         if name not in outcome:
-            outcome[name] = {"metrics": throughput_metrics(runs[name], bool(ep.pids_a)),
-                             "runs": runs[name]}
+            outcome[name] = {
+                "metrics": throughput_metrics(runs[name], bool(ep.pids_a)),
+                "runs": runs[name],
+            }
     return outcome
 
 
@@ -841,8 +999,9 @@ def format_table(results: dict[str, dict[str, Any]], names: Sequence[str]) -> st
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
-                                                                         strict=True)]
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -857,23 +1016,28 @@ def format_table(results: dict[str, dict[str, Any]], names: Sequence[str]) -> st
 def headline(results: dict[str, dict[str, Any]]) -> str:
     """One line: how the tunnel compares with wireguard-go in this run."""
     ratio = ratios(results)
-    goodput = [ratio[k] for k in ("tcp_up_1", "tcp_up_4", "tcp_down_1", "tcp_down_4")
-               if k in ratio]
+    goodput = [ratio[k] for k in ("tcp_up_1", "tcp_up_4", "tcp_down_1", "tcp_down_4") if k in ratio]
     if not goodput:
         missing = [n for n in (OURS, REFERENCE) if results.get(n, {}).get("status") != "ok"]
-        return (f"HEADLINE: no ratio to {REFERENCE}: "
-                + ", ".join(f"{n} {results.get(n, {}).get('status', 'not run')}"
-                            for n in missing))
+        return f"HEADLINE: no ratio to {REFERENCE}: " + ", ".join(
+            f"{n} {results.get(n, {}).get('status', 'not run')}" for n in missing
+        )
     geo = math.exp(sum(math.log(r) for r in goodput) / len(goodput))
-    labels = {"tcp_up_1": "client->server 1 flow", "tcp_up_4": "client->server 4 flows",
-              "tcp_down_1": "server->client 1 flow", "tcp_down_4": "server->client 4 flows"}
+    labels = {
+        "tcp_up_1": "client->server 1 flow",
+        "tcp_up_4": "client->server 4 flows",
+        "tcp_down_1": "server->client 1 flow",
+        "tcp_down_4": "server->client 4 flows",
+    }
     parts = ", ".join(f"{label} {ratio[k]:.2f}x" for k, label in labels.items() if k in ratio)
     ours = results[OURS]["metrics"].get("rtt_ms")
     ref = results[REFERENCE]["metrics"].get("rtt_ms")
-    rtt = (f"; RTT {ours:.3f} ms vs {ref:.3f} ms ({ours - ref:+.3f} ms)"
-           if ours is not None and ref is not None else "")
-    return (f"HEADLINE: tunnel TCP goodput = {geo:.2f}x wireguard-go (geometric mean; "
-            f"{parts}){rtt}")
+    rtt = (
+        f"; RTT {ours:.3f} ms vs {ref:.3f} ms ({ours - ref:+.3f} ms)"
+        if ours is not None and ref is not None
+        else ""
+    )
+    return f"HEADLINE: tunnel TCP goodput = {geo:.2f}x wireguard-go (geometric mean; {parts}){rtt}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -898,8 +1062,12 @@ def _install_missing(needed: set[str], log: Callable[[str], None]) -> None:
     if proc.returncode != 0:
         # One package may be unknown here; install the others one by one.
         for package in missing:
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                            package], env=env, capture_output=True, check=False)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+                env=env,
+                capture_output=True,
+                check=False,
+            )
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -925,24 +1093,42 @@ def _parse_args(argv: Sequence[str]) -> Any:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
         description="TCP goodput, RTT and CPU/GB of tunnel vs wireguard-go vs OpenVPN between "
-                    "two network namespaces (needs root).")
-    parser.add_argument("--only", default=",".join(DEFAULT_CONTENDERS),
-                        help="comma-separated contenders to run, in order "
-                             f"(known: {', '.join(CONTENDERS)}; default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=5.0,
-                        help="length of each iperf3 run (default: %(default)s)")
-    parser.add_argument("--pings", type=int, default=60,
-                        help="pings (0.05 s apart) to each contender for the RTT figure, "
-                             f"in interleaved rounds of {PING_ROUND} (default: %(default)s)")
-    parser.add_argument("--json", metavar="PATH", type=Path,
-                        help="where to write the results (default: "
-                             "bench-results/bench-<timestamp>.json in the repository)")
+        "two network namespaces (needs root).",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_CONTENDERS),
+        help="comma-separated contenders to run, in order "
+        f"(known: {', '.join(CONTENDERS)}; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="length of each iperf3 run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pings",
+        type=int,
+        default=60,
+        help="pings (0.05 s apart) to each contender for the RTT figure, "
+        f"in interleaved rounds of {PING_ROUND} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        type=Path,
+        help="where to write the results (default: "
+        "bench-results/bench-<timestamp>.json in the repository)",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown or not names:
-        parser.error(f"--only: unknown contender(s) {', '.join(unknown) or '(none given)'}; "
-                     f"known: {', '.join(CONTENDERS)}")
+        parser.error(
+            f"--only: unknown contender(s) {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(CONTENDERS)}"
+        )
     if not (0 < args.seconds <= 3600):
         parser.error("--seconds must be > 0 and at most 3600")
     if not (1 <= args.pings <= 10000):
@@ -958,25 +1144,40 @@ def _machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"hostname": platform.node(), "kernel": platform.release(), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
+    return {
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def _versions() -> dict[str, str]:
     out = {}
-    for exe, argv in (("iperf3", ["iperf3", "--version"]),
-                      ("wireguard-go", ["wireguard-go", "--version"]),
-                      ("openvpn", ["openvpn", "--version"])):
+    for exe, argv in (
+        ("iperf3", ["iperf3", "--version"]),
+        ("wireguard-go", ["wireguard-go", "--version"]),
+        ("openvpn", ["openvpn", "--version"]),
+    ):
         if shutil.which(exe):
             proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
-            out[exe] = (proc.stdout or proc.stderr).strip().splitlines()[0] if (
-                proc.stdout or proc.stderr).strip() else "?"
+            out[exe] = (
+                (proc.stdout or proc.stderr).strip().splitlines()[0]
+                if (proc.stdout or proc.stderr).strip()
+                else "?"
+            )
     return out
 
 
-def _run_contenders(bench: Bench, contenders: Sequence[Contender], args: Any,
-                    results: dict[str, dict[str, Any]], log: Callable[[str], None]) -> bool:
+def _run_contenders(
+    bench: Bench,
+    contenders: Sequence[Contender],
+    args: Any,
+    results: dict[str, dict[str, Any]],
+    log: Callable[[str], None],
+) -> bool:
     """Bring every contender up side by side (distinct addresses and ports), measure their
     idle RTT and then their throughput, both interleaved (one contender measured at a time
     while the others sit idle); take them all down however it ends. Fills ``results``;
@@ -1005,8 +1206,10 @@ def _run_contenders(bench: Bench, contenders: Sequence[Contender], args: Any,
             log(f"  up: {ep.addr_b} (B) -> {ep.addr_a} (A); pids A {ep.pids_a}, B {ep.pids_b}")
         if not running:
             return failed
-        log(f"== ping RTT without load: {args.pings} pings 0.05 s apart to each, in rounds "
-            f"of {PING_ROUND}, contenders taking turns")
+        log(
+            f"== ping RTT without load: {args.pings} pings 0.05 s apart to each, in rounds "
+            f"of {PING_ROUND}, contenders taking turns"
+        )
         rtts = measure_rtt(bench, running, args.pings, log)
         for name, rtt in rtts.items():
             if isinstance(rtt, BenchError):
@@ -1015,8 +1218,10 @@ def _run_contenders(bench: Bench, contenders: Sequence[Contender], args: Any,
         measured = {name: running[name] for name in running if name not in results}
         if not measured:
             return failed
-        log("== TCP goodput and CPU: figure by figure, the contenders taking turns (the "
-            "others idle meanwhile)")
+        log(
+            "== TCP goodput and CPU: figure by figure, the contenders taking turns (the "
+            "others idle meanwhile)"
+        )
         try:
             throughputs = measure_throughput(bench, measured, seconds=args.seconds, log=log)
         except errors as exc:
@@ -1056,8 +1261,7 @@ def main(argv: Sequence[str], repo: Path) -> int:
             print(text, flush=True)
 
     if os.geteuid() != 0:
-        log("scripts/bench: needs root for network namespaces and TUN devices: "
-            "sudo scripts/bench")
+        log("scripts/bench: needs root for network namespaces and TUN devices: sudo scripts/bench")
         return 1
     if not Path("/dev/net/tun").exists():
         log("scripts/bench: /dev/net/tun is missing (modprobe tun)")
@@ -1072,16 +1276,22 @@ def main(argv: Sequence[str], repo: Path) -> int:
         "started": started.isoformat(timespec="seconds"),
         "machine": _machine(),
         "versions": _versions(),
-        "settings": {"seconds": args.seconds, "pings": args.pings,
-                     "underlay": f"veth, MTU {UNDERLAY_MTU}", "contenders": args.names},
+        "settings": {
+            "seconds": args.seconds,
+            "pings": args.pings,
+            "underlay": f"veth, MTU {UNDERLAY_MTU}",
+            "contenders": args.names,
+        },
         "results": {},
     }
     results: dict[str, dict[str, Any]] = report["results"]
     failed = False
     with _signals_unwind():
         try:
-            log(f"== namespaces joined by a veth (MTU {UNDERLAY_MTU}): "
-                f"{UNDERLAY_A} <-> {UNDERLAY_B}")
+            log(
+                f"== namespaces joined by a veth (MTU {UNDERLAY_MTU}): "
+                f"{UNDERLAY_A} <-> {UNDERLAY_B}"
+            )
             with Bench(log) as bench:
                 log(f"   {bench.a.name} (server side A), {bench.b.name} (client side B)")
                 failed = _run_contenders(bench, contenders, args, results, log)
@@ -1093,10 +1303,12 @@ def main(argv: Sequence[str], repo: Path) -> int:
     report["headline"] = headline(results)
     shown = list(args.names)
     log("")
-    log(f"Results ({started:%Y-%m-%d %H:%M %Z}, {report['machine']['cores']} cores, "
+    log(
+        f"Results ({started:%Y-%m-%d %H:%M %Z}, {report['machine']['cores']} cores, "
         f"load {report['machine']['loadavg'][0]:.2f} before / "
         f"{report['machine']['loadavg_after'][0]:.2f} after; iperf3 {args.seconds:g} s "
-        f"per figure):")
+        f"per figure):"
+    )
     log(format_table(results, shown))
     log("")
     log(report["headline"])

@@ -1,7 +1,7 @@
 """A deterministic TCP transfer for tests, the demo and the benchmark.
 
-    python -m tunnel.testing.transfer serve --listen HOST:PORT [--count 1] [--ready-fd N]
-    python -m tunnel.testing.transfer send --to HOST:PORT --bytes N --seed S
+    python tests/support/transfer.py serve --listen HOST:PORT [--count 1] [--ready-fd N]
+    python tests/support/transfer.py send --to HOST:PORT --bytes N --seed S
 
 The sender streams N pseudo-random bytes derived from the seed (so both sides, or a test,
 can recompute them), half-closes, and waits for the receiver to close: at that point the
@@ -151,7 +151,7 @@ def send(host: str, port: int, nbytes: int, seed: str, timeout: float, connect_w
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tunnel.testing.transfer",
+        prog="python tests/support/transfer.py",
         description="Deterministic TCP transfer with a SHA-256 report on each side.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

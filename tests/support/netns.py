@@ -34,6 +34,8 @@ from typing import Any
 import attrs
 import trio
 
+from tests.support import tool_argv
+
 __all__ = [
     "KILL_AFTER_S",
     "Daemon",
@@ -54,7 +56,7 @@ __all__ = [
     "run",
 ]
 
-log = logging.getLogger("tunnel.testing")
+log = logging.getLogger("tests.support")
 
 #: Every namespace this module creates starts with this, so leftovers are recognisable.
 NAME_PREFIX = "tnl-"
@@ -592,21 +594,20 @@ async def tcp_transfer(
     seed: str,
     allowed: float = 90,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``nbytes`` of TCP with :mod:`tunnel.testing.transfer`: a receiver listening on ``listen``
+    """``nbytes`` of TCP with :mod:`tests.support.transfer`: a receiver listening on ``listen``
     in one namespace, a sender to ``to`` in another. Returns the receiver's and the sender's
     reports (``bytes``, ``sha256``, ``seconds``) for the caller to compare. ``allowed`` is what
     the two tools are told they may take (they stop themselves), not a deadline for this call."""
     serving = await start_daemon(
         nursery,
         receiver,
-        [sys.executable, "-m", "tunnel.testing.transfer", "serve", "--listen", listen,
-         "--timeout", str(allowed + 5)],
+        tool_argv("transfer", "serve", "--listen", listen, "--timeout", str(allowed + 5)),
         name="recv",
     )  # fmt: skip
     sent = await run(
         sender,
-        [sys.executable, "-m", "tunnel.testing.transfer", "send", "--to", to,
-         "--bytes", str(nbytes), "--seed", seed, "--timeout", str(allowed)],
+        tool_argv("transfer", "send", "--to", to,
+                  "--bytes", str(nbytes), "--seed", seed, "--timeout", str(allowed)),
         timeout=allowed + 10,
     )  # fmt: skip
     assert await serving.wait() == 0, serving.describe()

@@ -1,0 +1,1 @@
+"""The throughput benchmark behind scripts/bench (not part of the installed package)."""
