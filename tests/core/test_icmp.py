@@ -51,6 +51,20 @@ def test_ipv6_packet_too_big_never_says_less_than_1280():
     assert packet_too_big_untrusted(big6(1280), 1200, ROUTER4, ROUTER6) is None  # caller's
 
 
+def test_to_a_sender_holding_the_tunnel_address_the_error_comes_from_the_destination():
+    # The server host's own traffic: an error from its own address would be a martian there.
+    packet = with_df(build_ipv4_udp(ROUTER4, SRC4, 5000, 53, bytes(1372)), True)
+    error = packet_too_big_untrusted(packet, 1252, ROUTER4, ROUTER6)
+    assert error is not None
+    assert error[12:16] == SRC4 and error[16:20] == ROUTER4
+    assert internet_checksum(error[:20]) == 0 and internet_checksum(error[20:]) == 0
+    packet6 = build_ipv6_udp(ROUTER6, SRC6, 5000, 53, bytes(1352))
+    error6 = packet_too_big_untrusted(packet6, 1232, ROUTER4, ROUTER6)
+    assert error6 is not None and error6[8:24] == SRC6 and error6[24:40] == ROUTER6
+    pseudo = SRC6 + ROUTER6 + (len(error6) - 40).to_bytes(4, "big") + b"\x00\x00\x00\x3a"
+    assert internet_checksum(pseudo + error6[40:]) == 0
+
+
 def test_no_error_where_none_may_be_sent():
     assert packet_too_big_untrusted(big4(df=False), 1252, ROUTER4, ROUTER6) is None
     assert packet_too_big_untrusted(big4(1200), 1252, ROUTER4, ROUTER6) is None  # it fits

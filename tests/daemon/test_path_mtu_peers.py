@@ -152,3 +152,20 @@ async def test_a_client_that_moves_to_a_new_socket_searches_again(autojump_clock
             await wait_for(lambda: session.path_mtu.search.statistics().searches > server_searches)
             await wait_for(lambda: settled(a, server))
             assert a.session.path_mtu.current == session.path_mtu.current == MAX_DATAGRAM_SIZE
+
+
+async def test_the_server_hosts_own_traffic_hears_too_big_from_its_destination(autojump_clock):
+    network = FakeNetwork()
+    network.policy = Path(1252)
+    with trio.fail_after(60):
+        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+            await wait_for(lambda: settled(a, server))
+            (session,) = server.sessions
+            # From the server's own tunnel address: an error from that address would be
+            # dropped by its kernel as a martian, so it comes from the client's.
+            server.tun.inject(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), 1, 2, bytes(1372)))
+            await server.tun.wait_written(1)
+            (error,) = server.tun.written
+            assert error[12:16] == v4("10.78.0.2") and error[16:20] == v4("10.78.0.1")
+            assert int.from_bytes(error[26:28], "big") == session.max_datagram_payload
+            assert a.tun.written == []

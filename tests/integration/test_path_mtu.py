@@ -118,14 +118,17 @@ async def ping_sizes(cli: Netns, target: str, sizes: list[int]) -> None:
         assert " 0 received" not in out and proc.returncode in (0, 1), out
 
 
-async def transfer(nursery: trio.Nursery, sender: Netns, receiver: Netns, to: str) -> float:
+async def transfer(
+    nursery: trio.Nursery, sender: Netns, receiver: Netns, to: str, port: int = 5201
+) -> float:
     """20 MB over TCP through the tunnel; returns the goodput in Mbit/s."""
+    address = f"{to}:{port}" if ":" not in to else f"[{to}]:{port}"
     got, want = await tcp_transfer(
         nursery,
         receiver=receiver,
         sender=sender,
-        listen=f"{to}:5201" if ":" not in to else f"[{to}]:5201",
-        to=f"{to}:5201" if ":" not in to else f"[{to}]:5201",
+        listen=address,
+        to=address,
         nbytes=NBYTES,
         seed=f"pmtu-{time.monotonic()}",
         allowed=60,
@@ -186,14 +189,21 @@ async def test_a_link_that_shrinks_under_a_transfer_is_noticed_and_the_transfer_
             argv = tunnel("client", "--config", str(client_config), "--log-level", "debug")
             client = await start_daemon(nursery, cli, argv, name="client")
             before = await wait_settled(files, 1452, 30)
+            goodput: dict[str, float] = {}
             done = trio.Event()
-            goodput: list[float] = []
 
-            async def upload() -> None:
-                goodput.append(await transfer(nursery, cli, srv, SERVER_TUN4))
+            async def both_ways() -> None:
+                async with trio.open_nursery() as transfers:
+
+                    async def one(way: str, sender: Netns, receiver: Netns, to: str) -> None:
+                        port = 5201 if way == "up" else 5202
+                        goodput[way] = await transfer(nursery, sender, receiver, to, port)
+
+                    transfers.start_soon(one, "up", cli, srv, SERVER_TUN4)
+                    transfers.start_soon(one, "down", srv, cli, CLIENT_TUN4)
                 done.set()
 
-            nursery.start_soon(upload)
+            nursery.start_soon(both_ways)
             # A few MB in, the router's onward link (both ends) drops to 1280.
             with trio.move_on_after(30):
                 # another process's counter: nothing to wait on but the status
@@ -206,11 +216,20 @@ async def test_a_link_that_shrinks_under_a_transfer_is_noticed_and_the_transfer_
             session = await wait_settled(files, 1252, 40)
             found = time.monotonic() - changed
             await done.wait()
+            server_status = await cli_status(files.socket("server"))
+            (seen,) = server_status["sessions"]
             print(
-                f"\nlink 1500 -> 1280 mid-transfer: path MTU 1452 -> 1252 in {found:.1f} s "
-                f"({session['pmtu_black_holes']} black hole), goodput {goodput[0]:.0f} Mbit/s"
+                f"\nlink 1500 -> 1280 mid-transfer: client 1452 -> 1252 in {found:.1f} s, "
+                f"black holes: client {session['pmtu_black_holes']}, server "
+                f"{seen['pmtu_black_holes']}; goodput up {goodput['up']:.0f}, down "
+                f"{goodput['down']:.0f} Mbit/s"
             )
-            assert session["pmtu_black_holes"] >= 1
+            # Both ends saw full-size packets vanish: the client's at the router, the
+            # server's in its own kernel (EMSGSIZE); both came down and searched again.
+            assert session["pmtu_black_holes"] >= 1 and seen["pmtu_black_holes"] >= 1, seen
+            assert seen["path_mtu"] == 1252 and seen["pmtu_state"] == "complete", seen
+            # The server's batches of segments too large for its link did not cost it GSO.
+            assert server_status["udp_gso"] is True
             status = await cli_status(files.socket("client"))
             assert status["reconnects"] == 0 and status["state"] == "connected"
             for daemon in (client, server):

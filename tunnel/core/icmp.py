@@ -12,6 +12,11 @@ the path would (RFC 9484 section 10.1 does the same for CONNECT-IP):
   every IPv6 link carries 1280); a packet of at most 1280 bytes that does not fit is the
   caller's to carry.
 
+The error comes from the given tunnel address, as from a router on the path, except to a
+sender that holds that address itself (the server host's own traffic into the tunnel): a
+kernel drops a packet that arrives with one of its own addresses as the source (a "martian"),
+so that error comes from the packet's destination instead, which the kernel accepts.
+
 Never an error about an ICMP error, about a non-first IPv4 fragment, or to a source that is
 unspecified, multicast or broadcast (RFC 1122 3.2.2, RFC 4443 2.4). Rate limiting is the
 caller's (one bucket per session). Pure, like :mod:`tunnel.core.ippacket`.
@@ -50,6 +55,8 @@ def _too_big4(packet: bytes, mtu: int, source: bytes | None) -> bytes | None:
     ihl = (packet[0] & 0x0F) * 4
     flags_offset = (packet[6] << 8) | packet[7]
     sender = packet[12:16]
+    if source == sender:
+        source = packet[16:20]
     if (
         source is None
         or ihl < 20
@@ -82,6 +89,8 @@ def _too_big4(packet: bytes, mtu: int, source: bytes | None) -> bytes | None:
 
 def _too_big6(packet: bytes, mtu: int, source: bytes | None) -> bytes | None:
     sender = packet[8:24]
+    if source == sender:
+        source = packet[24:40]
     if (
         source is None
         or len(packet) <= max(mtu, IPV6_MIN_MTU)

@@ -839,6 +839,7 @@ class Server:
             "protocol_violations": self.protocol_violations,
             "retries_sent": self.retries_sent,
             "resets_sent": self.resets_sent,
+            "udp_gso": self.endpoint.gso,  # segmentation offload still in use
             "drops": dict(self.drops)
             | {"tun_write": self.tun.write_drops, "udp_send": self.endpoint.send_drops},
             "nat64": self._nat64_status(),

@@ -90,6 +90,7 @@ class FakeEndpoint:
         self.local_address = local_address
         self.inbox = _Inbox()
         self.send_drops = 0
+        self.gso = False  # one datagram at a time, always
         self.family = socket.AF_INET6 if ":" in local_address[0] else socket.AF_INET
 
     async def wait_readable(self) -> None:
