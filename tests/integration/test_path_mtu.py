@@ -228,7 +228,8 @@ async def test_a_link_that_shrinks_under_a_transfer_is_noticed_and_the_transfer_
             # server's in its own kernel (EMSGSIZE); both came down and searched again.
             assert session["pmtu_black_holes"] >= 1 and seen["pmtu_black_holes"] >= 1, seen
             assert seen["path_mtu"] == 1252 and seen["pmtu_state"] == "complete", seen
-            # The server's batches of segments too large for its link did not cost it GSO.
+            # Its batches of segments too large for its link (refused with EMSGSIZE) did
+            # not cost it segmentation offload.
             assert server_status["udp_gso"] is True
             status = await cli_status(files.socket("client"))
             assert status["reconnects"] == 0 and status["state"] == "connected"

@@ -318,15 +318,15 @@ class UdpEndpoint:
             if exc.errno not in _GSO_REFUSED:
                 self.send_drops += len(run)
                 return
-            # EINVAL is also the answer to a source the host no longer has, and to segments
-            # larger than the outgoing link (its MTU just shrank; path MTU discovery follows
-            # shortly): one datagram alone tells whether segmenting itself was refused.
-            try:
-                self.sock.sendmsg(run[:1], source.cmsgs if source is not None else (), 0, addr)
-            except OSError:
-                self.send_drops += len(run)
-                return
-            run = run[1:]
+            if source is not None:
+                # EINVAL is also the answer to a source the host no longer has: one datagram
+                # alone tells which of the two the kernel refused.
+                try:
+                    self.sock.sendmsg(run[:1], source.cmsgs, 0, addr)
+                except OSError:
+                    self.send_drops += len(run)
+                    return
+                run = run[1:]
             self.gso = False  # this kernel or device cannot segment: one by one from now
             for data in run:
                 self.send(data, addr, source)
