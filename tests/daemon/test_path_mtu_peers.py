@@ -5,6 +5,8 @@ path that shrinks under a transfer is noticed and searched again."""
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 from test_inmemory_peers import running_client, running_server, v4, v6, wait_for
@@ -38,13 +40,21 @@ def settled(client, server) -> bool:
     return not client.session.path_mtu.searching and not session.path_mtu.searching
 
 
+@asynccontextmanager
+async def settled_tunnel(path: Path):
+    """A server and a client over ``path``, once both ends have settled on its size."""
+    network = FakeNetwork()
+    network.policy = path
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        await wait_for(lambda: settled(a, server))
+        yield server, a
+
+
 @pytest.mark.parametrize("mtu", [1232, 1252, 1444, 1472])
 async def test_both_ends_find_the_size_of_a_smaller_path(autojump_clock, mtu):
-    network = FakeNetwork()
-    path = network.policy = Path(mtu)
+    path = Path(mtu)
     with trio.fail_after(60):
-        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
-            await wait_for(lambda: settled(a, server))
+        async with settled_tunnel(path) as (server, a):
             (session,) = server.sessions
             expected = min(mtu, MAX_DATAGRAM_SIZE)
             for channel in (a.session, session):
@@ -68,11 +78,8 @@ async def test_both_ends_find_the_size_of_a_smaller_path(autojump_clock, mtu):
 
 
 async def test_a_packet_too_big_for_the_path_is_answered_once_the_size_is_known(autojump_clock):
-    network = FakeNetwork()
-    network.policy = Path(1252)
     with trio.fail_after(60):
-        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
-            await wait_for(lambda: settled(a, server))
+        async with settled_tunnel(Path(1252)) as (server, a):
             room = a.session.max_datagram_payload
             assert room == datagram_frame_room(a.session.quic, 1252)
             # DF set: told the size that fits, from the server's tunnel address.
@@ -108,11 +115,9 @@ async def test_until_the_size_is_known_an_oversize_packet_is_carried_not_refused
 
 
 async def test_a_path_that_shrinks_under_a_transfer_is_found_again(autojump_clock):
-    network = FakeNetwork()
-    path = network.policy = Path(1472)
+    path = Path(1472)
     with trio.fail_after(120):
-        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
-            await wait_for(lambda: settled(a, server))
+        async with settled_tunnel(path) as (server, a):
             (session,) = server.sessions
             assert session.path_mtu.current == MAX_DATAGRAM_SIZE
             path.mtu = 1232  # a link on the way now has an MTU of 1280 (IPv6)
@@ -138,11 +143,8 @@ async def test_a_path_that_shrinks_under_a_transfer_is_found_again(autojump_cloc
 
 
 async def test_a_client_that_moves_to_a_new_socket_searches_again(autojump_clock):
-    network = FakeNetwork()
-    network.policy = Path(1472)
     with trio.fail_after(60):
-        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
-            await wait_for(lambda: settled(a, server))
+        async with settled_tunnel(Path(1472)) as (server, a):
             before = a.session.path_mtu.search.statistics().searches
             (session,) = server.sessions
             server_searches = session.path_mtu.search.statistics().searches
@@ -155,11 +157,8 @@ async def test_a_client_that_moves_to_a_new_socket_searches_again(autojump_clock
 
 
 async def test_the_server_hosts_own_traffic_hears_too_big_from_its_destination(autojump_clock):
-    network = FakeNetwork()
-    network.policy = Path(1252)
     with trio.fail_after(60):
-        async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
-            await wait_for(lambda: settled(a, server))
+        async with settled_tunnel(Path(1252)) as (server, a):
             (session,) = server.sessions
             # From the server's own tunnel address: an error from that address would be
             # dropped by its kernel as a martian, so it comes from the client's.

@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from tests.support.netns import (
+    Daemon,
     Netns,
     cli_status,
     netns,
@@ -69,6 +70,17 @@ async def start_routing(cli: Netns, rtr: Netns, srv: Netns) -> None:
     ):
         await run(ns, ["ip", "route", "add", "default", "via", gateway4])
         await run(ns, ["ip", "-6", "route", "add", "default", "via", gateway6])
+
+
+async def start_tunnel(
+    nursery: trio.Nursery, cli: Netns, srv: Netns, server_config: Any, client_config: Any
+) -> tuple[Daemon, Daemon]:
+    """The server in ``srv`` and the client in ``cli``, both ready."""
+    argv = tunnel("server", "--config", str(server_config), "--log-level", "debug")
+    server = await start_daemon(nursery, srv, argv, name="server")
+    argv = tunnel("client", "--config", str(client_config), "--log-level", "debug")
+    client = await start_daemon(nursery, cli, argv, name="client")
+    return server, client
 
 
 def configs(files: TunnelFiles, family: int) -> tuple[Any, Any]:
@@ -151,10 +163,7 @@ async def test_a_smaller_link_on_the_way_is_found_and_bulk_transfers_flow(
     with routed_path(mtu) as (cli, rtr, srv, _), trio.fail_after(TEST_TIMEOUT):
         await start_routing(cli, rtr, srv)
         async with open_daemon_nursery() as nursery:
-            argv = tunnel("server", "--config", str(server_config), "--log-level", "debug")
-            server = await start_daemon(nursery, srv, argv, name="server")
-            argv = tunnel("client", "--config", str(client_config), "--log-level", "debug")
-            client = await start_daemon(nursery, cli, argv, name="client")
+            server, client = await start_tunnel(nursery, cli, srv, server_config, client_config)
             expected = EXPECTED[(family, mtu)]
             session = await wait_settled(files, expected, 30)
             print(f"\nIPv{family} over a {mtu}-byte link: path MTU {expected}, "
@@ -184,10 +193,7 @@ async def test_a_link_that_shrinks_under_a_transfer_is_noticed_and_the_transfer_
     with routed_path(1500) as (cli, rtr, srv, small), trio.fail_after(TEST_TIMEOUT):
         await start_routing(cli, rtr, srv)
         async with open_daemon_nursery() as nursery:
-            argv = tunnel("server", "--config", str(server_config), "--log-level", "debug")
-            server = await start_daemon(nursery, srv, argv, name="server")
-            argv = tunnel("client", "--config", str(client_config), "--log-level", "debug")
-            client = await start_daemon(nursery, cli, argv, name="client")
+            server, client = await start_tunnel(nursery, cli, srv, server_config, client_config)
             before = await wait_settled(files, 1452, 30)
             goodput: dict[str, float] = {}
             done = trio.Event()
