@@ -1,5 +1,6 @@
 """Tests for tunnel.core.ippacket: header inspection, packet builders, checksums."""
 
+import struct
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -12,6 +13,7 @@ from tunnel.core.ippacket import (
     build_ipv6_udp,
     clip_untrusted,
     internet_checksum,
+    ip_header_untrusted,
     ip_version,
     is_link_local_source,
     udp_destination_port_untrusted,
@@ -314,3 +316,79 @@ def test_clip_refuses_lengths_that_do_not_fit():
     packet6[4:6] = (len(packet6)).to_bytes(2, "big")
     assert clip_untrusted(bytes(packet6)) is None
     assert clip_untrusted(b"\x60" + bytes(38)) is None
+
+
+# --- ip_header_untrusted: the shell's one header parser ----------------------------------------
+
+
+def reference_header(data: bytes):
+    """The fixed header the slow, independent way: struct for the fields, ipaddress for the
+    addresses."""
+    if len(data) >= 20 and struct.unpack_from("!B", data)[0] >> 4 == 4:
+        fields = struct.unpack_from("!BBHHHBBH4s4s", data)
+        return 4, IPv4Address(fields[8]).packed, IPv4Address(fields[9]).packed
+    if len(data) >= 40 and struct.unpack_from("!B", data)[0] >> 4 == 6:
+        _, _, _, _, src, dst = struct.unpack_from("!IHBB16s16s", data)
+        return 6, IPv6Address(src).packed, IPv6Address(dst).packed
+    return None
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=80))
+def test_header_matches_the_reference_on_random_bytes(data):
+    header = ip_header_untrusted(data)
+    assert header == reference_header(data)
+    if header is not None:
+        version, src, dst = header
+        assert type(src) is bytes and type(dst) is bytes
+        assert len(src) == len(dst) == (4 if version == 4 else 16)
+
+
+@given(st.sampled_from([0x40, 0x45, 0x4F, 0x60, 0x6F, 0x50, 0xF0]), st.binary(max_size=80))
+def test_header_matches_the_reference_on_plausible_headers(first, rest):
+    data = bytes([first]) + rest
+    assert ip_header_untrusted(data) == reference_header(data)
+
+
+@given(st.ip_addresses(v=4), st.ip_addresses(v=4), payloads, st.binary(max_size=40))
+def test_header_of_built_ipv4_packets(src, dst, payload, options):
+    pkt = build_ipv4_udp(src.packed, dst.packed, 1, 2, payload)
+    assert ip_header_untrusted(pkt) == (4, src.packed, dst.packed)
+    padded = with_options(pkt, options[: len(options) // 4 * 4])
+    header = ip_header_untrusted(padded)
+    assert header is not None
+    assert (IPv4Address(header[1]), IPv4Address(header[2])) == (src, dst)
+
+
+@given(st.ip_addresses(v=6), st.ip_addresses(v=6), payloads)
+def test_header_of_built_ipv6_packets(src, dst, payload):
+    pkt = build_ipv6_udp(src.packed, dst.packed, 1, 2, payload)
+    version, got_src, got_dst = ip_header_untrusted(pkt)
+    assert (version, IPv6Address(got_src), IPv6Address(got_dst)) == (6, src, dst)
+
+
+@given(st.binary(max_size=80), st.sampled_from([b"", b"\x45", b"\x60"]))
+def test_header_agrees_with_clip_and_addresses(rest, start):
+    data = start + rest
+    clipped = clip_untrusted(data)
+    if clipped is not None:
+        # What the server does with a client's packet: clip, then read the header.
+        assert ip_header_untrusted(clipped) is not None
+        assert ip_header_untrusted(clipped) == ip_header_untrusted(data)
+    addresses = addresses_untrusted(data)
+    if addresses is not None:
+        assert ip_header_untrusted(data)[1:] == addresses
+
+
+def test_header_needs_the_whole_fixed_header_only():
+    pkt4 = build_ipv4_udp(A4, B4, 1, 2, b"payload")
+    assert ip_header_untrusted(pkt4[:19]) is None
+    assert ip_header_untrusted(pkt4[:20]) == (4, A4, B4)
+    assert ip_header_untrusted(pkt4[:-1]) == (4, A4, B4)  # lengths are clip_untrusted's job
+    pkt6 = build_ipv6_udp(A6, B6, 1, 2, b"payload")
+    assert ip_header_untrusted(pkt6[:39]) is None
+    assert ip_header_untrusted(pkt6[:40]) == (6, A6, B6)
+    assert ip_header_untrusted(b"") is None
+    assert ip_header_untrusted(b"\x45garbage") is None
+    assert ip_header_untrusted(b"\x55" + pkt4[1:]) is None
+    assert ip_header_untrusted(b"\x40" + pkt6[1:]) == (4, pkt6[12:16], pkt6[16:20])

@@ -14,23 +14,26 @@ from aioquic.tls import CipherSuite
 from hypothesis import given
 from hypothesis import strategies as st
 
-import tunnel.daemon.quic as quic_module
+import tunnel.daemon.aioquic_private.fastpath as fastpath_module
+import tunnel.daemon.driver as driver_module
 from tunnel.core.identity import Identity
 from tunnel.core.messages import CLOSE_INTERNAL
-from tunnel.daemon.pmtu_probe import set_datagram_size
-from tunnel.daemon.quic import (
-    INITIAL_DATAGRAM_SIZE,
-    MAX_DATAGRAM_SIZE,
-    QuicDriver,
+from tunnel.daemon.aioquic_private.fastpath import (
     Received,
     _datagram_frames,
     build_datagram_packets,
-    client_configuration,
     open_short_packet,
     receive_datagram_fast,
     seal_short_packet,
+)
+from tunnel.daemon.aioquic_private.pmtu import set_datagram_size
+from tunnel.daemon.aioquic_private.state import tune
+from tunnel.daemon.driver import QuicDriver
+from tunnel.daemon.quic import (
+    INITIAL_DATAGRAM_SIZE,
+    MAX_DATAGRAM_SIZE,
+    client_configuration,
     server_configuration,
-    tune,
 )
 
 CLIENT, SERVER = ("198.51.100.2", 5000), ("192.0.2.1", 4433)
@@ -237,7 +240,7 @@ def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypa
         def current_time(self) -> float:
             return now[0]
 
-    monkeypatch.setattr(quic_module.trio.lowlevel, "current_clock", Clock)
+    monkeypatch.setattr(driver_module.trio.lowlevel, "current_clock", Clock)
     sent: list = []
     failures: list[Exception] = []
     driver = QuicDriver(client, sent.extend, lambda event: None, failures.append)
@@ -298,8 +301,8 @@ def test_driver_is_the_connection_fault_boundary(monkeypatch):
         def current_time(self) -> float:
             return now[0]
 
-    monkeypatch.setattr(quic_module.trio.lowlevel, "current_clock", Clock)
-    monkeypatch.setattr(quic_module.trio, "current_time", lambda: now[0])
+    monkeypatch.setattr(driver_module.trio.lowlevel, "current_clock", Clock)
+    monkeypatch.setattr(driver_module.trio, "current_time", lambda: now[0])
 
     def explode(event):
         raise RuntimeError("handler bug")
@@ -349,7 +352,7 @@ def crypto_pairs(suite: CipherSuite, secret: bytes) -> tuple[CryptoPair, CryptoP
 
 def test_direct_packet_protection_is_in_use_with_this_aioquic():
     # If aioquic's internals move, the fast path quietly falls back; this says when it did.
-    assert quic_module._DIRECT_CRYPTO
+    assert fastpath_module._DIRECT_CRYPTO
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)

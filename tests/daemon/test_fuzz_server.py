@@ -51,7 +51,7 @@ from hypothesis import strategies as st
 
 import tunnel
 import tunnel.core.messages as wire
-import tunnel.daemon.quic as daemon_quic
+import tunnel.daemon.aioquic_private.state as aioquic_state
 from tunnel.config import RunOptions, client_config_from_dict, server_config_from_dict
 from tunnel.core.identity import Identity
 from tunnel.core.ippacket import build_ipv4_udp, build_ipv6_udp
@@ -361,7 +361,7 @@ PACKET_KINDS = (
 # The tree gained a channel binding in the signed transcript while this fuzzer was written;
 # sign whichever transcript the code under test defines.
 _SIGNS_BINDING = "binding" in inspect.signature(wire.auth_transcript).parameters
-_connection_binding = getattr(daemon_quic, "connection_binding", None)
+_connection_binding = getattr(aioquic_state, "connection_binding", None)
 
 
 class Hostile:

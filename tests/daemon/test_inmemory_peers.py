@@ -168,6 +168,20 @@ async def test_packets_for_unknown_destinations_are_counted(autojump_clock):
         assert server.drops["no_route"] == 1
 
 
+async def test_truncated_packets_from_the_tun_are_counted_and_the_pump_goes_on(autojump_clock):
+    # Shorter than their fixed header: once read as an empty destination, which matched the
+    # NAT64 source of a server without NAT64 (b"") and killed the TUN pump.
+    network = FakeNetwork()
+    async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
+        server.tun.inject(b"\x45" + bytes(10))
+        server.tun.inject(b"\x60" + bytes(20))
+        await trio.sleep(1)
+        assert server.drops["malformed"] == 2
+        server.tun.inject(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), 1, 2, b"after"))
+        with trio.fail_after(5):
+            await a.tun.wait_written(1)
+
+
 @pytest.mark.parametrize("c2c", [True, False])
 async def test_client_to_client_only_when_enabled(autojump_clock, c2c):
     network = FakeNetwork()

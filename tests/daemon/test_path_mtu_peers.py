@@ -13,7 +13,7 @@ from test_inmemory_peers import running_client, running_server, v4, v6, wait_for
 
 from tunnel.core.ippacket import build_ipv4_udp, build_ipv6_udp
 from tunnel.core.pmtu import BASE_SIZE
-from tunnel.daemon.pmtu_probe import datagram_frame_room
+from tunnel.daemon.aioquic_private.pmtu import datagram_frame_room
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, MAX_DATAGRAM_SIZE
 from tunnel.testing.fakes import FakeNetwork
 

@@ -15,21 +15,20 @@ from test_fastpath import CLIENT, SERVER, connected_pair, drain, exchange
 
 from tunnel.core.identity import Identity
 from tunnel.core.pmtu import BASE_SIZE, PmtuSearch, PmtuState
-from tunnel.daemon.pmtu_probe import (
+from tunnel.daemon.aioquic_private.fastpath import build_datagram_packets, receive_datagram_fast
+from tunnel.daemon.aioquic_private.pmtu import (
     PacketTally,
     datagram_frame_room,
     probe_timeout,
     send_probe,
     set_datagram_size,
 )
+from tunnel.daemon.aioquic_private.state import tune
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
     MAX_DATAGRAM_SIZE,
-    build_datagram_packets,
     client_configuration,
-    receive_datagram_fast,
     server_configuration,
-    tune,
 )
 
 

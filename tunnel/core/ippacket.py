@@ -10,6 +10,11 @@ The ``*_untrusted`` functions accept any ``bytes`` and never raise: anything the
 sense of gives ``None``. They check only what they need to read safely; they do not verify
 checksums or options, which the receiving kernel does.
 
+:func:`ip_header_untrusted` is the one place the shell (tunnel.daemon) reads an IP header's
+version and addresses, for routing and anti-spoofing; :func:`clip_untrusted` is the one place it
+checks a length field. The translators in this package (``nat64``, ``icmp``, ``fragments``) parse
+the whole header themselves, as they must rewrite it.
+
 ``build_ipv4_udp``, ``build_ipv6_udp`` and ``internet_checksum`` make valid packets for tests and
 the demo; they are not on the hot path.
 """
@@ -22,9 +27,11 @@ __all__ = [
     "build_ipv6_udp",
     "clip_untrusted",
     "internet_checksum",
+    "ip_header_untrusted",
     "ip_version",
     "is_link_local_source",
     "udp_destination_port_untrusted",
+    "udp_ports_untrusted",
 ]
 
 _IPV4_HEADER = 20
@@ -62,24 +69,37 @@ def clip_untrusted(packet: bytes) -> bytes | None:
     return None
 
 
+def ip_header_untrusted(packet: bytes) -> tuple[int, bytes, bytes] | None:
+    """``(version, source, destination)`` of an IPv4 or IPv6 packet, the addresses as 4- or
+    16-byte ``bytes``, or ``None``: the fixed header must be there whole (20 bytes for version
+    4, 40 for version 6); nothing else about it is checked (see :func:`clip_untrusted` for the
+    length fields). Never raises."""
+    n = len(packet)
+    if n >= _IPV4_HEADER:
+        version = packet[0] >> 4
+        if version == 4:
+            return 4, packet[12:16], packet[16:20]
+        if version == 6 and n >= _IPV6_HEADER:
+            return 6, packet[8:24], packet[24:40]
+    return None
+
+
 def addresses_untrusted(packet: bytes) -> tuple[bytes, bytes] | None:
     """``(source, destination)`` of an IPv4 or IPv6 packet, as 4- or 16-byte ``bytes``.
 
     IPv4 needs at least 20 bytes, version 4, IHL >= 5 and a total length field no larger than
     the packet; IPv6 needs at least 40 bytes and version 6. Anything else gives ``None``. Never
-    raises.
+    raises. (:func:`ip_header_untrusted`, with the IPv4 length fields checked too.)
     """
-    n = len(packet)
-    if n >= _IPV4_HEADER:
+    header = ip_header_untrusted(packet)
+    if header is None:
+        return None
+    version, source, destination = header
+    if version == 4:
         first = packet[0]
-        version = first >> 4
-        if version == 4:
-            if (first & 0x0F) < 5 or ((packet[2] << 8) | packet[3]) > n:
-                return None
-            return packet[12:16], packet[16:20]
-        if version == 6 and n >= _IPV6_HEADER:
-            return packet[8:24], packet[24:40]
-    return None
+        if (first & 0x0F) < 5 or ((packet[2] << 8) | packet[3]) > len(packet):
+            return None
+    return source, destination
 
 
 def udp_ports_untrusted(packet: bytes) -> tuple[int, int] | None:

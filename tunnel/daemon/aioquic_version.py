@@ -1,10 +1,10 @@
 """The aioquic versions the daemon supports, checked once when :mod:`tunnel.daemon` is imported.
 
-The fast path in :mod:`tunnel.daemon.quic` imports names that appear only in aioquic 1.7.0 and
-reads private connection state checked against 1.7.x, so any other version fails in confusing
-ways (an ``ImportError`` deep in a traceback at best). This module turns that into one line that
-says what is installed and what to install instead. The bounds live here and nowhere else; keep
-them in step with ``pyproject.toml``.
+The modules in :mod:`tunnel.daemon.aioquic_private` import names that appear only in aioquic
+1.7.0 and read private connection state checked against 1.7.x, so any other version fails in
+confusing ways (an ``ImportError`` deep in a traceback at best). This module turns that into
+one line that says what is installed and what to install instead. The bounds live here and
+nowhere else; keep them in step with ``pyproject.toml``.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.backoff import Backoff
 from tunnel.core.control import ClientControl
 from tunnel.core.eyeballs import attempt_delay
+from tunnel.core.heartbeat import HeartbeatPolicy
 from tunnel.core.identity import Identity, encode_public_id
-from tunnel.core.ippacket import udp_ports_untrusted
+from tunnel.core.ippacket import ip_header_untrusted, udp_ports_untrusted
 from tunnel.core.messages import (
     CLOSE_IDENTITY,
     CLOSE_OK,
@@ -58,19 +59,18 @@ from tunnel.core.messages import (
 )
 from tunnel.core.netchange import gains, matters
 from tunnel.core.underlay import Route
-from tunnel.daemon.connector import race
-from tunnel.daemon.pathmtu import PathMtu
-from tunnel.daemon.platform import SYSTEM, Platform
-from tunnel.daemon.quic import (
-    MAX_DATAGRAM_PAYLOAD,
-    QuicDriver,
-    client_configuration,
+from tunnel.daemon.aioquic_private.state import (
     connection_binding,
     is_stateless_reset,
     peer_public_key,
     smoothed_rtt,
     tune,
 )
+from tunnel.daemon.connector import race
+from tunnel.daemon.driver import QuicDriver
+from tunnel.daemon.pathmtu import PathMtu
+from tunnel.daemon.platform import SYSTEM, Platform
+from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, client_configuration
 from tunnel.daemon.runtime import (
     ControlServer,
     check_ready_fd,
@@ -140,7 +140,12 @@ class ClientSession(Channel):
         self.failure: TunnelError | None = None
         self.settled = trio.Event()  # handshake accepted, or failed
         self.ended = trio.Event()
-        self.last_pong = trio.current_time()
+        # Pongs count from here; :meth:`heartbeat` starts a fresh one when it starts.
+        self.heartbeat_policy = HeartbeatPolicy(
+            client.config.heartbeat_interval,
+            client.config.heartbeat_timeout,
+            now=trio.current_time(),
+        )
         self.tun: TunDevice | None = None
         self.own_addresses: frozenset[bytes] = frozenset()
         self.identity_verified = False
@@ -221,15 +226,11 @@ class ClientSession(Channel):
             return
         self.bytes_in += len(packet)
         self.packets_in += 1
-        version = packet[0] >> 4 if packet else 0
-        if version == 4 and len(packet) >= 20:
-            dst = packet[16:20]
-        elif version == 6 and len(packet) >= 40:
-            dst = packet[24:40]
-        else:
+        header = ip_header_untrusted(packet)
+        if header is None:
             self.drops["malformed"] += 1
             return
-        if dst not in self.own_addresses:
+        if header[2] not in self.own_addresses:
             # Not for us: the server never routes such packets here; do not let anyone use
             # the tunnel to inject traffic for other hosts behind this client.
             self.drops["not_ours"] += 1
@@ -266,7 +267,7 @@ class ClientSession(Channel):
         for packet in received.packets:
             self._packet_from_server(packet)
         if received.pong_seen:
-            self.last_pong = trio.current_time()
+            self.heartbeat_policy.on_pong(trio.current_time())
         if received.answer_ping:
             self.send_frame(Pong())
 
@@ -398,29 +399,22 @@ class ClientSession(Channel):
     async def heartbeat(self) -> None:
         """Ping every interval; after one missed answer try a new socket (roaming), and declare
         the session lost when nothing came back for the whole timeout."""
-        interval = self.client.config.heartbeat_interval
-        timeout = self.client.config.heartbeat_timeout
-        # One pong late: the path may be dead for this socket only.
-        rebind_after = min(interval * 1.5, timeout / 2)
-        self.last_pong = trio.current_time()
-        next_ping = trio.current_time()
-        rebound_for = None
+        config = self.client.config
+        policy = HeartbeatPolicy(
+            config.heartbeat_interval, config.heartbeat_timeout, now=trio.current_time()
+        )
+        self.heartbeat_policy = policy
         while True:
-            now = trio.current_time()
-            silence = now - self.last_pong
-            if silence >= timeout:
-                raise SessionLost(f"no heartbeat answer for {timeout:g} s")
-            if silence >= rebind_after and rebound_for != self.last_pong:
-                rebound_for = self.last_pong
+            decision = policy.decide(trio.current_time())
+            if decision.lost:
+                raise SessionLost(f"no heartbeat answer for {policy.timeout:g} s")
+            if decision.rebind:
                 await self.rebind()
-            if now >= next_ping:
+            if decision.ping:
                 self.send_frame(Ping())
                 self._flush()
-                next_ping = now + interval
-            wake = min(next_ping, self.last_pong + timeout)
-            if rebound_for != self.last_pong:
-                wake = min(wake, self.last_pong + rebind_after)
-            await trio.sleep_until(wake)
+            # Asked after acting: a pong that came in during the rebind moves it.
+            await trio.sleep_until(policy.wake_at())
 
     async def handshake(self) -> None:
         """QUIC handshake and the server's identity checked; our credentials stay here until
@@ -501,9 +495,8 @@ def _describe(exc: BaseException) -> str:
 
 def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) -> bool:
     """Is this our own QUIC traffic to the server, routed back into the tunnel?"""
-    version = packet[0] >> 4 if packet else 0
-    dst = packet[16:20] if version == 4 else packet[24:40]
-    if dst != server_packed:
+    header = ip_header_untrusted(packet)
+    if header is None or header[2] != server_packed:
         return False
     ports = udp_ports_untrusted(packet)
     return ports is not None and ports[1] == server_port

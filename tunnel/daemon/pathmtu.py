@@ -3,7 +3,7 @@
 A :class:`PathMtu` is one task in a session's nursery. It waits until the connection's
 handshake is confirmed, then starts the search and does what the search decides: sends each
 probe (a PING padded to the size, outside congestion control; see
-:mod:`tunnel.daemon.pmtu_probe`), passes on what became of it, reports the losses and
+:mod:`tunnel.daemon.aioquic_private.pmtu`), passes on what became of it, reports the losses and
 acknowledgements of ordinary packets for black-hole detection, notices a new path (a client
 that migrated or rebound, a NAT that changed the client's port) and applies every new size to
 the connection: aioquic's sender, the fast path, the pacer and congestion controller, and the
@@ -21,10 +21,22 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from aioquic.quic.connection import END_STATES, QuicConnection, QuicConnectionState
+from aioquic.quic.connection import QuicConnection
 
 from tunnel.core.pmtu import BASE_SIZE, DEFAULT_MAXIMUM, PmtuSearch, PmtuState
-from tunnel.daemon.pmtu_probe import PacketTally, probe_timeout, send_probe, set_datagram_size
+from tunnel.daemon.aioquic_private.pmtu import (
+    PacketTally,
+    probe_timeout,
+    send_probe,
+    set_datagram_size,
+)
+from tunnel.daemon.aioquic_private.state import (
+    current_path,
+    has_ended,
+    is_closing,
+    is_established,
+    is_open,
+)
 
 __all__ = ["PathMtu", "SendProbe", "SizeChanged"]
 
@@ -113,16 +125,16 @@ class PathMtu:
     async def run(self) -> None:
         """Run until cancelled or the connection has ended."""
         quic = self.quic
-        while not (quic._handshake_confirmed and quic._state is QuicConnectionState.CONNECTED):
-            if quic._state in END_STATES or quic._close_pending:
+        while not is_established(quic):
+            if is_closing(quic):
                 await trio.sleep_forever()
             await trio.sleep(_START_POLL)
         now = trio.current_time()
         self._tally = PacketTally(quic)
         self._tally.on_loss = self.wake
-        self._path = quic._network_paths[0] if quic._network_paths else None
+        self._path = current_path(quic)
         self.search.start(now)
-        while quic._state not in END_STATES:
+        while not has_ended(quic):
             self._woken = False
             self.step(trio.current_time())
             deadline = self.search.deadline
@@ -139,9 +151,9 @@ class PathMtu:
         asks for and apply its size."""
         quic = self.quic
         search = self.search
-        if quic._close_pending or quic._state is not QuicConnectionState.CONNECTED:
+        if not is_open(quic):
             return
-        path = quic._network_paths[0] if quic._network_paths else None
+        path = current_path(quic)
         if self._path_changed or path is not self._path:
             # Migration (aioquic put a new path first) or a rebind we were told of.
             self._path_changed = False
@@ -172,7 +184,7 @@ class PathMtu:
             packet = send_probe(quic, probe, now, self._result)
             if packet is None:
                 continue  # cannot carry one now (closing, path in validation): it times out
-            if self._send(packet, quic._network_paths[0].addr):
+            if self._send(packet, quic.get_peer_address()):
                 sent = True
             else:
                 self.refused_by_host += 1

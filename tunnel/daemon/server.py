@@ -53,7 +53,7 @@ from tunnel.config import RunOptions, ServerConfig, load_server_config
 from tunnel.core.authority import REASON_REVOKED, Admission, Authority, Lease
 from tunnel.core.control import CONTROL_STREAM, ServerControl
 from tunnel.core.identity import Identity, encode_public_id
-from tunnel.core.ippacket import clip_untrusted, udp_ports_untrusted
+from tunnel.core.ippacket import clip_untrusted, ip_header_untrusted, udp_ports_untrusted
 from tunnel.core.ippool import AddressPool
 from tunnel.core.messages import (
     CLOSE_HANDSHAKE_TIMEOUT,
@@ -72,20 +72,23 @@ from tunnel.core.messages import (
 )
 from tunnel.core.nat64 import Nat64
 from tunnel.core.ratelimit import FailureLimiter, TokenBucket
+from tunnel.core.routing import RouteTable
 from tunnel.core.tokens import TokenSet, token_digest
+from tunnel.daemon.aioquic_private.state import (
+    ResettableConnection,
+    connection_binding,
+    smoothed_rtt,
+    stream_buffered,
+    tune,
+)
+from tunnel.daemon.driver import QuicDriver
 from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import (
     MAX_DATAGRAM_PAYLOAD,
-    QuicDriver,
-    ResettableConnection,
     ResetTokens,
     TicketStore,
-    connection_binding,
     server_configuration,
-    smoothed_rtt,
-    stream_buffered,
-    tune,
 )
 from tunnel.daemon.runtime import (
     ControlServer,
@@ -160,7 +163,6 @@ class ServerSession(Channel):
         self.device_id: int | None = None
         self.token_digest: bytes | None = None
         self.lease: Lease | None = None
-        self.own_sources: frozenset[bytes] = frozenset()
         self.established = trio.Event()
         self.handshake_over = trio.Event()  # established, or given up
         self.closed = trio.Event()
@@ -298,7 +300,6 @@ class ServerSession(Channel):
         self.set_peer_datagram_limit(min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload))
         self.lease = admission.lease
         assert self.lease is not None
-        self.own_sources = frozenset(a.packed for a in self.lease.addresses)
         self.server.attach(self)
         for ticket in self._tickets:
             self.server.tickets.add(ticket)
@@ -401,8 +402,8 @@ class ServerSession(Channel):
 
     def current_remote(self) -> Any:
         """The client's address now: QUIC follows a migrating client to its new path."""
-        paths = getattr(self.quic, "_network_paths", None)
-        return paths[0].addr if paths else self.remote
+        address = self.quic.get_peer_address()
+        return address if address is not None else self.remote
 
     def status(self) -> dict[str, Any]:
         rtt = smoothed_rtt(self.quic)
@@ -445,7 +446,9 @@ class Server:
         )
         self.authority = _authority(config, identity)
         self.cids: dict[bytes, ServerSession] = {}
-        self.routes: dict[bytes, ServerSession] = {}  # tunnel address (packed) -> session
+        # Tunnel address (packed) -> the session holding it in its lease, both ways: a TUN
+        # packet's destination finds its session, a client's packet must come from its own.
+        self.routes: RouteTable[ServerSession] = RouteTable()
         self.sessions: set[ServerSession] = set()
         self.touched: set[Channel] = set()  # sessions with something to send
         self.drops = Drops()
@@ -642,20 +645,18 @@ class Server:
         session.packets_in += 1
         # Only the IP packet itself goes on, never bytes a client appended after it.
         clipped = clip_untrusted(packet)
-        if clipped is None:
+        if clipped is None or (header := ip_header_untrusted(clipped)) is None:
             session.drops["malformed"] += 1
             self.drops["malformed"] += 1
             return
         packet = clipped
-        if packet[0] >> 4 == 4:
-            version, src, dst = 4, packet[12:16], packet[16:20]
-        else:
-            version, src, dst = 6, packet[8:24], packet[24:40]
-        if src not in session.own_sources:
+        version, src, dst = header
+        owner_of = self.routes.owner_of
+        if owner_of(src) is not session:
             session.drops["spoofed_source"] += 1
             self.drops["spoofed_source"] += 1
             return
-        peer = self.routes.get(dst)
+        peer = owner_of(dst)
         if peer is not None:
             if not self.config.client_to_client:
                 self.drops["client_to_client"] += 1
@@ -686,7 +687,8 @@ class Server:
             self.drops[result.drop] += 1
         translated = result.packet
         if translated is not None:
-            session = self.routes.get(translated[24:40])
+            header = ip_header_untrusted(translated)
+            session = None if header is None else self.routes.owner_of(header[2])
             if session is None:
                 self.drops["no_route"] += 1
             else:
@@ -702,19 +704,16 @@ class Server:
     def _forward_from_tun(self) -> None:
         """Queue what the TUN device holds (up to a batch) to the sessions it is routed to;
         never blocks. The caller flushes."""
-        routes = self.routes
+        owner_of = self.routes.owner_of
         drops = self.drops
         nat64_source = self.nat64_source
         for packet in self.tun.read_batch(TUN_BATCH):
-            version = packet[0] >> 4 if packet else 0
-            if version == 4:
-                dst = packet[16:20]
-            elif version == 6:
-                dst = packet[24:40]
-            else:
+            header = ip_header_untrusted(packet)
+            if header is None:
                 drops["malformed"] += 1
                 continue
-            session = routes.get(dst)
+            version, _, dst = header
+            session = owner_of(dst)
             if session is None:
                 if dst == nat64_source:
                     self._nat64_inbound(packet)
@@ -749,27 +748,18 @@ class Server:
 
     def attach(self, session: ServerSession) -> None:
         assert session.lease is not None
-        for packed in session.own_sources:
-            previous = self.routes.get(packed)
-            if previous is not None and previous is not session:
-                # The same client and device came back before we noticed the old one die.
-                previous.log.info("replaced by a new session")
-                previous.close(CLOSE_REPLACED, "replaced by a new session")
-            self.routes[packed] = session
+        for previous in self.routes.add(session, [a.packed for a in session.lease.addresses]):
+            # The same client and device came back before we noticed the old one die.
+            previous.log.info("replaced by a new session")
+            previous.close(CLOSE_REPLACED, "replaced by a new session")
 
     def detach(self, session: ServerSession) -> None:
         self.sessions.discard(session)
         self.touched.discard(session)
         for cid in [cid for cid, s in self.cids.items() if s is session]:
             del self.cids[cid]
-        for packed in session.own_sources:
-            if self.routes.get(packed) is session:
-                del self.routes[packed]
-        if (
-            session.lease is not None
-            and all(self.routes.get(p) is not session for p in session.own_sources)
-            and not any(s.lease is session.lease for s in self.sessions)
-        ):
+        self.routes.remove(session)  # only what it still holds: not what a successor took
+        if session.lease is not None and not any(s.lease is session.lease for s in self.sessions):
             self.authority.release(session.lease.owner, now=trio.current_time())
             self.lease_changed.set()
 

@@ -13,15 +13,22 @@ import logging
 from collections.abc import Callable
 
 import trio
-from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.connection import QuicConnection
 
 from tunnel.core.control import CONTROL_STREAM
 from tunnel.core.icmp import packet_too_big_untrusted
 from tunnel.core.messages import FRAME_PACKET, Frame, encode_frame
 from tunnel.core.ratelimit import TokenBucket
+from tunnel.daemon.aioquic_private.pmtu import datagram_frame_room
+from tunnel.daemon.aioquic_private.state import (
+    datagram_queue,
+    datagram_size,
+    is_closing,
+    stream_buffered,
+)
+from tunnel.daemon.driver import QuicDriver
 from tunnel.daemon.pathmtu import PathMtu
-from tunnel.daemon.pmtu_probe import datagram_frame_room
-from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, QuicDriver, stream_buffered
+from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD
 
 # Datagrams waiting inside aioquic (congestion-limited) beyond this are dropped, not queued:
 # a VPN that buffers adds latency; the inner TCP reacts to a drop exactly as it should.
@@ -52,12 +59,14 @@ class Channel:
 
     def __init__(self, quic: QuicConnection, drops: Drops, touched: set[Channel]) -> None:
         self.quic = quic
+        # aioquic's own queue is unbounded: we read its length to bound it.
+        self._datagram_queue = datagram_queue(quic)
         self.driver: QuicDriver  # set by the owner once it knows how to send
         self.drops = drops
         # The largest IP packet sent as one DATAGRAM: the smaller of the peer's limit (from
         # its hello) and what fits one packet of the path's size (path MTU discovery).
         self.peer_datagram_limit = MAX_DATAGRAM_PAYLOAD
-        self.path_datagram_room = datagram_frame_room(quic, quic._max_datagram_size)
+        self.path_datagram_room = datagram_frame_room(quic, datagram_size(quic))
         self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
         self.path_mtu: PathMtu  # set by the owner, with the driver
         self.bytes_in = self.bytes_out = self.packets_in = self.packets_out = 0
@@ -97,8 +106,7 @@ class Channel:
         NAT64 translator's output), so an oversize one always takes the stream."""
         size = len(packet)
         if size <= self.max_datagram_payload:
-            # aioquic's own queue is private and unbounded: we read its length to bound it.
-            if len(self.quic._datagrams_pending) >= MAX_QUEUED_DATAGRAMS:
+            if len(self._datagram_queue) >= MAX_QUEUED_DATAGRAMS:
                 self.drops["queue_full"] += 1
                 return
             self.quic.send_datagram_frame(packet)
@@ -145,8 +153,7 @@ class Channel:
         quic = self.quic
         if (
             self.driver.failed
-            or quic._close_pending  # we are closing it (a violation): nothing more to say
-            or quic._state in END_STATES
+            or is_closing(quic)  # closing it (a violation, say): nothing more to say
             or stream_buffered(quic, CONTROL_STREAM) > MAX_STREAM_BUFFER
         ):
             return False

@@ -1,14 +1,13 @@
 """aioquic glue for path MTU discovery: probe packets, datagram-size changes, loss counts.
 
+One of the private-state modules (see :mod:`tunnel.daemon.aioquic_private` for the rule, the
+inventory and the aioquic versions checked; tests/daemon/test_pmtu_probe.py passes with each).
 aioquic has no PMTU discovery, so :class:`tunnel.core.pmtu.PmtuSearch` decides and this module
 does what its decisions need inside an aioquic connection, reading and writing aioquic's
-private state on purpose. Checked against aioquic 1.7.0, 1.7.1 and 1.7.2: their
-``recovery.py``, ``packet_builder.py`` and ``congestion/`` differ only in type annotations,
-the parts of ``connection.py`` used here not at all, and tests/daemon/test_pmtu_probe.py
-passes with each. Anything outside 1.7.x needs the same check again.
+private state on purpose.
 
 Probes (:func:`send_probe`) are 1-RTT packets of PING and PADDING, sealed with the
-connection's keys by :func:`tunnel.daemon.quic.seal_short_packet`, and registered with
+connection's keys by :func:`.fastpath.seal_short_packet`, and registered with
 aioquic's loss recovery so that their acknowledgement or loss reaches a callback. They are
 registered as neither in flight nor ack-eliciting, which in aioquic's recovery means:
 
@@ -38,7 +37,7 @@ from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicDeliveryState, QuicSentPacket
 
-from tunnel.daemon.quic import _ONE_RTT, _remember_one_rtt, seal_short_packet
+from tunnel.daemon.aioquic_private.fastpath import _ONE_RTT, _remember_one_rtt, seal_short_packet
 
 __all__ = [
     "LARGEST_DATAGRAM_SIZE",
@@ -163,8 +162,8 @@ def set_datagram_size(quic: QuicConnection, size: int) -> list[bytes]:
     packet, in order, having taken them out: aioquic would otherwise keep such a datagram at
     the head of its queue forever. The caller sends them another way or counts them dropped.
 
-    Does not change the fast path in :mod:`tunnel.daemon.quic`, which sizes packets from its
-    own constants. Raises ``ValueError`` for a size outside [1200, 65527].
+    The fast path (:mod:`.fastpath`) sizes its packets from the connection's own size, so it
+    follows at once. Raises ``ValueError`` for a size outside [1200, 65527].
     """
     if not SMALLEST_MAX_DATAGRAM_SIZE <= size <= LARGEST_DATAGRAM_SIZE:
         raise ValueError(f"datagram size must be in [1200, 65527], got {size}")
