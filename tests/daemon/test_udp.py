@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 import trio
 
-from tunnel.daemon.udp import LOCAL_CACHE_SIZE, LocalAddress, UdpEndpoint
+from tunnel.daemon.udp import (
+    IP_MTU_DISCOVER,
+    IP_PMTUDISC_PROBE,
+    IPV6_MTU_DISCOVER,
+    IPV6_PMTUDISC_PROBE,
+    LOCAL_CACHE_SIZE,
+    LocalAddress,
+    UdpEndpoint,
+)
 
 
 async def receive(endpoint: UdpEndpoint, count: int) -> list[bytes]:
@@ -213,3 +221,20 @@ async def test_many_local_addresses_stay_correct_and_bounded():
     finally:
         server.close()
         client.close()
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::"])
+async def test_datagrams_are_never_fragmented_and_a_refused_probe_says_so(bind: str) -> None:
+    endpoint = await UdpEndpoint.bind(bind, 0, key="listen")
+    target = ("127.0.0.1", 9) if bind == "0.0.0.0" else ("::ffff:127.0.0.1", 9)
+    try:
+        # Don't-fragment without the kernel's path MTU cache, for IPv4 (v4-mapped included).
+        assert endpoint.sock.getsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER) == IP_PMTUDISC_PROBE
+        if bind == "::":
+            level, option = socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER
+            assert endpoint.sock.getsockopt(level, option) == IPV6_PMTUDISC_PROBE
+        # Larger than anything the host can send (EMSGSIZE): a loss the search learns at once.
+        assert endpoint.send_probe(bytes(65535), target) is False
+        assert endpoint.send_probe(bytes(1452), target) is True
+    finally:
+        endpoint.close()
