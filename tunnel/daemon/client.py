@@ -130,7 +130,7 @@ class ClientSession(Channel):
             self.driver.transmit,
             label=format_address(server_addr),
         )
-        self.driver.on_path_change = self.path_mtu.wake
+        self.driver.on_path_change = self.path_mtu.path_changed
         self.control = ClientControl()
         self.rebinds = 0
         # The server's hello, held until its identity is verified: nothing secret (token,

@@ -31,7 +31,6 @@ from tunnel.daemon.aioquic_private.pmtu import (
     set_datagram_size,
 )
 from tunnel.daemon.aioquic_private.state import (
-    current_path,
     has_ended,
     is_closing,
     is_established,
@@ -80,7 +79,6 @@ class PathMtu:
         self._label = label
         self._tally: PacketTally | None = None
         self._results: list[tuple[int, bool]] = []
-        self._path: object | None = None
         self._path_changed = False
         self._scope: trio.CancelScope | None = None
         self._woken = False
@@ -108,8 +106,8 @@ class PathMtu:
             scope.deadline = -math.inf
 
     def path_changed(self) -> None:
-        """The path changed in a way aioquic does not see (the client moved to a new local
-        socket): search again from the base."""
+        """The path changed (aioquic moved the peer to a new address, which the driver
+        reports, or the client moved to a new local socket): search again from the base."""
         self._path_changed = True
         self.wake()
 
@@ -132,7 +130,7 @@ class PathMtu:
         now = trio.current_time()
         self._tally = PacketTally(quic)
         self._tally.on_loss = self.wake
-        self._path = current_path(quic)
+        self._path_changed = False  # changes during the handshake: this search is new anyway
         self.search.start(now)
         while not has_ended(quic):
             self._woken = False
@@ -153,11 +151,8 @@ class PathMtu:
         search = self.search
         if not is_open(quic):
             return
-        path = current_path(quic)
-        if self._path_changed or path is not self._path:
-            # Migration (aioquic put a new path first) or a rebind we were told of.
+        if self._path_changed:
             self._path_changed = False
-            self._path = path
             self._results.clear()
             search.path_changed(now)
             log.debug("[%s] path changed: path MTU search starts again", self._label)

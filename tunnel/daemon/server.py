@@ -153,7 +153,7 @@ class ServerSession(Channel):
             self.driver.transmit,
             label=format_address(remote),
         )
-        self.driver.on_path_change = self.path_mtu.wake
+        self.driver.on_path_change = self.path_mtu.path_changed
         self.control = ServerControl()
         # Packets from the internet too big for this client's datagrams: told so from us.
         self.deliver_local = server.tun.write

@@ -67,7 +67,8 @@ class Channel:
         # its hello) and what fits one packet of the path's size (path MTU discovery).
         self.peer_datagram_limit = MAX_DATAGRAM_PAYLOAD
         self.path_datagram_room = datagram_frame_room(quic, datagram_size(quic))
-        self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
+        self.max_datagram_payload = 0
+        self._limit_datagrams()
         self.path_mtu: PathMtu  # set by the owner, with the driver
         self.bytes_in = self.bytes_out = self.packets_in = self.packets_out = 0
         # Channels with something queued, shared by everything one pump flushes: a flush costs
@@ -84,21 +85,28 @@ class Channel:
     def set_peer_datagram_limit(self, limit: int) -> None:
         """The peer's hello said how large a datagram payload it takes."""
         self.peer_datagram_limit = limit
-        self.max_datagram_payload = min(limit, self.path_datagram_room)
+        self._limit_datagrams()
 
     def path_size_changed(self, size: int, evicted: list[bytes]) -> None:
         """Path MTU discovery set a new UDP payload size (a :data:`SizeChanged`): datagrams
         follow it, and the packets queued for the old size that no longer fit one take the
         stream instead (they were sent by their senders already: no "packet too big" now)."""
         self.path_datagram_room = datagram_frame_room(self.quic, size)
-        self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
+        self._limit_datagrams()
         for packet in evicted:
-            if not self._write_control(
-                bytes((FRAME_PACKET,)) + len(packet).to_bytes(4, "big") + packet
-            ):
-                self.drops["stream_full"] += 1
+            self._packet_on_stream(packet)
         if evicted:
             self.touched.add(self)
+
+    def _limit_datagrams(self) -> None:
+        self.max_datagram_payload = min(self.peer_datagram_limit, self.path_datagram_room)
+
+    def _packet_on_stream(self, packet: bytes) -> bool:
+        """Frame one packet onto the control stream; False (counted) if it is full or gone."""
+        if self._write_control(bytes((FRAME_PACKET,)) + len(packet).to_bytes(4, "big") + packet):
+            return True
+        self.drops["stream_full"] += 1
+        return False
 
     def send_packet(self, packet: bytes, *, may_answer: bool = True) -> None:
         """Queue one IP packet to the peer. Call ``driver.transmit()`` after a batch.
@@ -112,10 +120,8 @@ class Channel:
             self.quic.send_datagram_frame(packet)
         elif may_answer and self._answered_too_big(packet):
             return
-        elif not self._write_control(bytes((FRAME_PACKET,)) + size.to_bytes(4, "big") + packet):
-            # Too large for one datagram, and the stream it would take is full or gone.
-            self.drops["stream_full"] += 1
-            return
+        elif not self._packet_on_stream(packet):
+            return  # too large for one datagram, and the stream is full or gone
         self.bytes_out += size
         self.packets_out += 1
         self.touched.add(self)
