@@ -658,7 +658,7 @@ class Game:
             raise AssertionError(op)
 
     def hostile_sessions(self) -> list[ServerSession]:
-        return [s for s in self.server.sessions if s.remote[0] == HOSTILE_HOST]
+        return [s for s in self.server.table.sessions if s.remote[0] == HOSTILE_HOST]
 
     def observe(self) -> None:
         """Record the hostile's server sessions, check their bounds, and that no session
@@ -715,12 +715,14 @@ def check_forgotten(game: Game) -> None:
     """Nothing of the hostile peer is left in the server's maps once its connections ended."""
     server = game.server
     for session in game.seen:
-        assert session not in server.sessions
+        assert session not in server.table.sessions
         assert session not in server.touched
-        assert session not in server.cids.values(), "a CID still routes to an ended session"
-        assert session not in server.routes.values(), "an address still routes to an ended session"
-    assert server.pending_total == 0, f"{server.pending_total} handshakes still pending"
-    assert HOSTILE_HOST not in server.pending_by_source
+        assert session not in server.table.by_cid.values(), "a CID still routes to an ended session"
+        assert session not in server.table.routes.values(), (
+            "an address still routes to an ended session"
+        )
+    assert server.gate.pending_total == 0, f"{server.gate.pending_total} handshakes still pending"
+    assert HOSTILE_HOST not in server.gate.pending_by_source
     for owner, lease in server.authority._leases.items():
         if owner[0] == game.identity.public_key:
             assert lease.released_at is not None, "the hostile's lease was never released"

@@ -281,7 +281,7 @@ async def test_wrong_token_is_a_permanent_rejection(autojump_clock):
             "Invalid authentication token",
             auth_token=new_token(),
         )
-        assert server.auth_failures == 1
+        assert server.gatekeeper.auth_failures == 1
         # The server keeps serving others.
         async with running_client(network, "198.51.100.2") as a:
             assert a.addresses()[0] == "10.78.0.2/24"
@@ -329,8 +329,8 @@ async def test_wrong_server_id_is_retried_as_an_identity_mismatch(autojump_clock
         # A session ticket from a server we did not trust is never kept for resumption.
         assert client.ticket is None
         # Nor did the token or a signature leave: the server never saw a request.
-        assert server.auth_failures == 0 and not server.refused
-        assert all(s.client_id is None for s in server.sessions)
+        assert server.gatekeeper.auth_failures == 0 and not server.gatekeeper.refused
+        assert all(s.client_id is None for s in server.table.sessions)
 
 
 async def test_server_full_is_temporary_and_the_client_gets_in_once_there_is_room(
@@ -346,7 +346,7 @@ async def test_server_full_is_temporary_and_the_client_gets_in_once_there_is_roo
         )
         async with running_client(network, "198.51.100.2"):
             await expect_retried(network, "198.51.100.9", "Server full", caplog)
-            assert server.refused["Server full"] == 3
+            assert server.gatekeeper.refused["Server full"] == 3
             nursery.start_soon(waiting.supervise)
             await wait_for(lambda: waiting.reconnects >= 1)
             assert waiting.state != "connected"
@@ -381,7 +381,7 @@ async def test_sessions_per_client_identity_are_bounded(autojump_clock, caplog):
         )
         with trio.fail_after(30), pytest.raises(GaveUp):
             await client.supervise()
-        assert server.refused["too many sessions for this client"] == 2
+        assert server.gatekeeper.refused["too many sessions for this client"] == 2
         # Another identity is not affected.
         async with running_client(network, "198.51.100.4") as other:
             assert other.addresses()
@@ -480,8 +480,10 @@ async def test_revoked_credentials_close_that_session_only(autojump_clock):
             assert b.state == "connected" and b.reconnects == 0
             assert server.status()["revoked"] == 1
             with trio.fail_after(5):  # the revoked connection's draining period
-                await wait_for(lambda: len(server.sessions) == 1)
-            assert [s.client_id for s in server.sessions if s.lease] == [b.identity.public_key]
+                await wait_for(lambda: len(server.table.sessions) == 1)
+            assert [s.client_id for s in server.table.sessions if s.lease] == [
+                b.identity.public_key
+            ]
 
 
 async def test_silent_peer_is_dropped_after_the_handshake_deadline(autojump_clock):
@@ -500,7 +502,7 @@ async def test_silent_peer_is_dropped_after_the_handshake_deadline(autojump_cloc
         assert server.status()["pending_handshakes"] == 1
         await trio.sleep(server.config.handshake_timeout + 1)
         assert server.status()["pending_handshakes"] == 0
-        assert not server.sessions
+        assert not server.table.sessions
 
 
 async def test_heartbeat_declares_a_partition_and_the_client_comes_back(autojump_clock):
@@ -521,7 +523,7 @@ async def test_heartbeat_declares_a_partition_and_the_client_comes_back(autojump
         assert a.tun is a.platform.tuns[0] and len(a.platform.tuns) == 1
         # The old session is gone from the server once its own idle timeout passes.
         await trio.sleep(70)
-        assert len([s for s in server.sessions if s.lease is not None]) == 1
+        assert len([s for s in server.table.sessions if s.lease is not None]) == 1
 
 
 async def test_max_reconnect_attempts_gives_up_with_a_temporary_failure(autojump_clock):
@@ -617,22 +619,22 @@ async def test_repeated_auth_failures_are_rate_limited_per_source(autojump_clock
         )
         with trio.fail_after(5), pytest.raises(SessionLost, match="too many failed attempts"):
             await client.supervise()
-        assert server.rate_limited == 1
+        assert server.gatekeeper.rate_limited == 1
         # ...while everyone else gets in as usual.
         async with running_client(network, "198.51.100.2") as a:
             assert a.addresses()
 
 
 async def test_under_load_new_clients_must_answer_a_retry(autojump_clock, monkeypatch):
-    monkeypatch.setattr("tunnel.daemon.server.RETRY_ABOVE", 0)
+    monkeypatch.setattr("tunnel.daemon.server.daemon.RETRY_ABOVE", 0)
     network = FakeNetwork()
     async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
         assert a.addresses()
-        assert server.retries_sent == 1
+        assert server.dispatcher.retries_sent == 1
 
 
 async def test_handshakes_in_flight_are_limited_per_source(autojump_clock, monkeypatch):
-    monkeypatch.setattr("tunnel.daemon.server.MAX_PENDING_PER_SOURCE", 2)
+    monkeypatch.setattr("tunnel.daemon.server.daemon.MAX_PENDING_PER_SOURCE", 2)
     from aioquic.quic.connection import QuicConnection
 
     from tunnel.daemon.quic import client_configuration
@@ -654,7 +656,7 @@ async def test_handshakes_in_flight_are_limited_per_source(autojump_clock, monke
 async def test_client_delivers_only_packets_addressed_to_it(autojump_clock):
     network = FakeNetwork()
     async with running_server(network) as server, running_client(network, "198.51.100.2") as a:
-        session = next(iter(server.sessions))
+        session = next(iter(server.table.sessions))
         session.send_packet(build_ipv4_udp(v4("10.78.0.1"), v4("192.168.1.5"), 1, 2, b"other"))
         session.send_packet(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), 1, 2, b"mine"))
         session.driver.transmit()
@@ -708,7 +710,7 @@ async def test_a_replayed_signature_is_refused(autojump_clock, monkeypatch):
                     if isinstance(event, ConnectionTerminated):
                         closed = event
         assert closed.reason_phrase == "invalid client signature"
-        assert server.auth_failures == 1
+        assert server.gatekeeper.auth_failures == 1
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -791,7 +793,7 @@ async def test_a_restarted_server_resets_old_sessions_at_once(autojump_clock):
         # heartbeat_interval is 10 s here and the timeout 60 s: only the reset explains this.
         assert trio.current_time() - restarted_at < 12
         assert client.addresses() == first
-        assert servers[-1].resets_sent >= 1
+        assert servers[-1].dispatcher.resets_sent >= 1
 
 
 @asynccontextmanager
@@ -894,7 +896,7 @@ async def _host_route_follows(network):
         running_server(network),
         running_client(network, "198.51.100.2", routes=["0.0.0.0/0"], routes6=[]) as a,
     ):
-        host = a.host
+        host = a.network.host
         server_net = ipaddress.ip_network(f"{SERVER_ADDR[0]}/32")
         assert host.moving[SERVER_ROUTE_KEY] == Route(server_net, "192.0.2.254", 2)
         # The default gateway moves (another Wi-Fi, DHCP gave another router).
@@ -956,7 +958,7 @@ async def test_every_address_of_the_name_is_tried_and_a_dead_first_one_costs_a_m
                 assert trio.current_time() - began < 1.0  # the handshake timeout is 2 s
                 assert client.server_addr == SERVER_ADDR
                 # A server restart (stateless reset): back just as quickly.
-                for session in list(server.sessions):
+                for session in list(server.table.sessions):
                     session.close(CLOSE_SHUTDOWN, "restart")
                 server.flush()
                 await wait_for(lambda: client.state != "connected")
@@ -964,5 +966,5 @@ async def test_every_address_of_the_name_is_tried_and_a_dead_first_one_costs_a_m
                 await wait_for(lambda: client.state == "connected")
                 assert trio.current_time() - lost < 2.5  # one backoff step, one delay
                 # Only the winner ever authenticated: one session on the server.
-                await wait_for(lambda: len([s for s in server.sessions if s.lease]) == 1)
+                await wait_for(lambda: len([s for s in server.table.sessions if s.lease]) == 1)
                 nursery.cancel_scope.cancel()

@@ -36,7 +36,7 @@ class Path:
 
 
 def settled(client, server) -> bool:
-    (session,) = server.sessions
+    (session,) = server.table.sessions
     return not client.session.path_mtu.searching and not session.path_mtu.searching
 
 
@@ -55,7 +55,7 @@ async def test_both_ends_find_the_size_of_a_smaller_path(autojump_clock, mtu):
     path = Path(mtu)
     with trio.fail_after(60):
         async with settled_tunnel(path) as (server, a):
-            (session,) = server.sessions
+            (session,) = server.table.sessions
             expected = min(mtu, MAX_DATAGRAM_SIZE)
             for channel in (a.session, session):
                 assert channel.path_mtu.current == expected
@@ -118,7 +118,7 @@ async def test_a_path_that_shrinks_under_a_transfer_is_found_again(autojump_cloc
     path = Path(1472)
     with trio.fail_after(120):
         async with settled_tunnel(path) as (server, a):
-            (session,) = server.sessions
+            (session,) = server.table.sessions
             assert session.path_mtu.current == MAX_DATAGRAM_SIZE
             path.mtu = 1232  # a link on the way now has an MTU of 1280 (IPv6)
             # Full-size traffic from the server (a download): every packet is lost now.
@@ -146,7 +146,7 @@ async def test_a_client_that_moves_to_a_new_socket_searches_again(autojump_clock
     with trio.fail_after(60):
         async with settled_tunnel(Path(1472)) as (server, a):
             before = a.session.path_mtu.search.statistics().searches
-            (session,) = server.sessions
+            (session,) = server.table.sessions
             server_searches = session.path_mtu.search.statistics().searches
             await a.session.rebind()
             # The client knows it moved; the server sees the new address as a new path.
@@ -159,7 +159,7 @@ async def test_a_client_that_moves_to_a_new_socket_searches_again(autojump_clock
 async def test_the_server_hosts_own_traffic_hears_too_big_from_its_destination(autojump_clock):
     with trio.fail_after(60):
         async with settled_tunnel(Path(1252)) as (server, a):
-            (session,) = server.sessions
+            (session,) = server.table.sessions
             # From the server's own tunnel address: an error from that address would be
             # dropped by its kernel as a martian, so it comes from the client's.
             server.tun.inject(build_ipv4_udp(v4("10.78.0.1"), v4("10.78.0.2"), 1, 2, bytes(1372)))

@@ -186,3 +186,9 @@ class Channel:
     def path_status(self) -> dict[str, object]:
         """The path's size as discovery sees it, and the datagram payload it allows."""
         return {"datagram_payload": self.max_datagram_payload, **self.path_mtu.status()}
+
+
+def transmit_touched(touched: set[Channel]) -> None:
+    """Send what every channel in ``touched`` has queued (one send each), emptying the set."""
+    while touched:
+        touched.pop().driver.transmit()

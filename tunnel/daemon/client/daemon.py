@@ -1,0 +1,172 @@
+"""The client daemon: :class:`Client` puts the client's objects together, and
+:func:`run_client` runs it with its control socket until a signal or a permanent failure."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+import trio
+from aioquic.tls import SessionTicket
+
+from tunnel.config import ClientConfig, RunOptions
+from tunnel.core.identity import Identity, encode_public_id
+from tunnel.daemon.client.hostnet import HostNetwork
+from tunnel.daemon.client.session import ClientSession, SessionServices, TicketSlot
+from tunnel.daemon.client.supervisor import Supervisor
+from tunnel.daemon.platform import SYSTEM, Platform
+from tunnel.daemon.runtime import (
+    ControlServer,
+    check_ready_fd,
+    control_socket_path,
+    watch_signals,
+)
+from tunnel.daemon.session import Drops
+from tunnel.daemon.tun import TunDevice
+from tunnel.keyfile import read_key_file
+
+log = logging.getLogger("tunnel.client")
+
+
+class Client:
+    """The client daemon across sessions: who we are (identity, device ID, the session ticket
+    for resumption, drop counters), the :class:`HostNetwork` and the :class:`Supervisor`, and
+    the status that gathers them."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        identity: Identity,
+        options: RunOptions,
+        platform: Platform = SYSTEM,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.options = options
+        self.platform = platform
+        self.device_id = secrets.randbits(64)
+        self.tickets = TicketSlot()  # from the last session, for resumption
+        self.drops = Drops()
+        self.started_at = trio.current_time()
+        self.network = HostNetwork(config, platform)
+        self.supervisor = Supervisor(
+            config,
+            platform,
+            self.network,
+            SessionServices(
+                config=config,
+                identity=identity,
+                device_id=self.device_id,
+                tickets=self.tickets,
+                drops=self.drops,
+                platform=platform,
+            ),
+            ready_fd=options.ready_fd,
+        )
+
+    async def supervise(self) -> None:
+        """Connect, run the session, and on loss reconnect until told to stop (see
+        :meth:`Supervisor.run` for what ends it)."""
+        await self.supervisor.run()
+
+    # What the client is doing now, read by status and tests: the objects own it.
+
+    @property
+    def connected(self) -> trio.Event:
+        """Set once the first session is up."""
+        return self.supervisor.connected
+
+    @property
+    def state(self) -> str:
+        """``connecting``, ``connected`` or ``reconnecting``."""
+        return self.supervisor.state
+
+    @property
+    def reconnects(self) -> int:
+        """Times the client connected again: after a lost session or a failed attempt."""
+        return self.supervisor.reconnects
+
+    @property
+    def session(self) -> ClientSession | None:
+        """The session that won the last race, while it lasts."""
+        return self.supervisor.session
+
+    @property
+    def server_addr(self) -> Any:
+        """The server address the latest session went to."""
+        return self.supervisor.server_addr
+
+    @property
+    def tun(self) -> TunDevice | None:
+        """The TUN device, from the first accepted session on."""
+        return self.network.tun
+
+    @property
+    def ticket(self) -> SessionTicket | None:
+        """The session ticket kept for resumption, if a verified server gave one."""
+        return self.tickets.ticket
+
+    def addresses(self) -> list[str]:
+        """Our tunnel addresses, with their prefix lengths."""
+        return self.network.addresses()
+
+    def status(self) -> dict[str, Any]:
+        """The client for ``tunnel status``."""
+        supervisor = self.supervisor
+        session = supervisor.session
+        tun = self.network.tun
+        last_handshake = supervisor.last_handshake
+        addresses = self.network.addresses()
+        up_since = supervisor.session_started_at
+        return {
+            "role": "client",
+            "id": self.identity.public_id,
+            "server": f"{self.config.server_host}:{self.config.server_port}",
+            "server_id": encode_public_id(self.config.server_id),
+            "state": supervisor.state,
+            "tun": tun.name if tun else None,
+            "addresses": addresses,
+            "device_id": self.device_id,
+            "uptime": round(trio.current_time() - self.started_at, 3),
+            "reconnects": supervisor.reconnects,
+            "last_handshake_ms": round(last_handshake * 1000, 3)
+            if last_handshake is not None
+            else None,
+            "sessions": [session.status(addresses=addresses, up_since=up_since)]
+            if session is not None
+            else [],
+            "drops": dict(self.drops)
+            | ({"tun_write": tun.write_drops} if tun else {})
+            | ({"udp_send": session.endpoint.send_drops} if session else {}),
+        }
+
+    def close(self) -> None:
+        """Undo everything the client changed on the host."""
+        self.network.close()
+
+
+async def run_client(config: ClientConfig, options: RunOptions) -> None:
+    """Run the client until SIGTERM/SIGINT, a permanent failure, or giving up."""
+    check_ready_fd(options.ready_fd)
+    identity = read_key_file(config.key_file) if config.key_file else Identity.generate()
+    client = Client(config, identity, options)
+    control = ControlServer(control_socket_path(config.control_socket), client.status)
+    try:
+        await control.bind()
+        log.info(
+            "client %s connecting to %s:%d",
+            identity.public_id,
+            config.server_host,
+            config.server_port,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals, nursery.cancel_scope, None)
+            nursery.start_soon(control.serve)
+            await client.supervise()
+            nursery.cancel_scope.cancel()
+        log.info("client stopped")
+    finally:
+        # Synchronous on purpose: undoing our changes to the host cannot be cancelled halfway.
+        control.close()
+        client.close()

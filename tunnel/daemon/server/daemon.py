@@ -1,0 +1,336 @@
+"""The server daemon: its objects put together, and :func:`run_server`.
+
+Task tree (every task lives in a nursery; cancelling the top tears everything down):
+
+    run_server
+      ├─ signal watcher            SIGTERM/SIGINT -> graceful stop, SIGHUP -> reload
+      ├─ control socket            `tunnel status`
+      ├─ Dispatcher.udp_pump       datagrams -> session by destination CID, else admission
+      ├─ Forwarder.tun_pump        packets -> session by destination address
+      ├─ SessionTable.lease_reaper returns expired leases to the pools
+      ├─ Forwarder.nat64_reaper    expires idle NAT64 mappings (with NAT64 on)
+      └─ one task per session (ServerSession.run), in a nursery of their own, owning
+           ├─ QUIC timer
+           ├─ path MTU discovery (once authenticated)
+           └─ handshake deadline, then the wait for the connection to end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+from aioquic.quic.connection import QuicConnection
+from aioquic.tls import SessionTicket
+
+from tunnel.config import RunOptions, ServerConfig, load_server_config
+from tunnel.core.admission import HandshakeGate
+from tunnel.core.authority import Authority
+from tunnel.core.identity import Identity
+from tunnel.core.ippool import AddressPool
+from tunnel.core.nat64 import Nat64
+from tunnel.core.tokens import TokenSet
+from tunnel.daemon.platform import SYSTEM, Platform
+from tunnel.daemon.quic import ResetTokens, TicketStore, server_configuration
+from tunnel.daemon.runtime import (
+    ControlServer,
+    check_ready_fd,
+    control_socket_path,
+    notify_ready,
+    watch_signals,
+)
+from tunnel.daemon.server.auth import Gatekeeper
+from tunnel.daemon.server.dispatcher import Dispatcher
+from tunnel.daemon.server.forwarder import Forwarder
+from tunnel.daemon.server.session import ServerSession, SessionServices
+from tunnel.daemon.server.sessions import SessionTable
+from tunnel.daemon.session import Channel, Drops, transmit_touched
+from tunnel.daemon.udp import UdpEndpoint, format_address
+from tunnel.errors import TunnelError
+from tunnel.keyfile import read_key_file
+
+log = logging.getLogger("tunnel.server")
+
+# A server under a flood of new connections: at most this many handshakes in flight from one
+# source address and overall; past RETRY_ABOVE pending handshakes, new clients must prove their
+# address with a QUIC Retry round trip first.
+MAX_PENDING_PER_SOURCE = 16
+MAX_PENDING = 1024
+RETRY_ABOVE = 64
+# Stateless resets and Version Negotiation are cheap to send but never worth a flood of our own.
+MAX_RESETS_PER_SECOND = 100
+MAX_VERSION_NEGOTIATIONS_PER_SECOND = 100
+
+
+class Server:
+    """One server's objects, made from its config and passed to each other explicitly:
+
+    the dispatcher (UDP in, by connection ID or admission), the session table, the forwarder
+    (sessions <-> TUN, NAT64), the gatekeeper (AuthRequests). Each owns its counters;
+    :meth:`status` gathers them. Created and run by :func:`run_server`.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        identity: Identity,
+        endpoint: UdpEndpoint,
+        tun: Any,
+        config_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.identity = identity
+        self.endpoint = endpoint
+        self.tun = tun
+        self.started_at = trio.current_time()
+        quic_config = server_configuration(identity)
+        self.authority = _authority(config, identity)
+        self.tickets = TicketStore()
+        self.touched: set[Channel] = set()  # sessions with something to send
+        self.table = SessionTable(self.authority, self.touched)
+        nat64, nat64_source, nat64_prefix = _nat64(config, self.authority)
+        self.forwarder = Forwarder(
+            tun,
+            self.table.routes,
+            self.touched,
+            client_to_client=config.client_to_client,
+            listen_port=config.listen_port,
+            nat64=nat64,
+            nat64_source=nat64_source,
+            nat64_prefix=nat64_prefix,
+        )
+        self.gatekeeper = Gatekeeper(self.authority)
+        self.gate = HandshakeGate(
+            supported_versions=quic_config.supported_versions,
+            max_pending=MAX_PENDING,
+            max_pending_per_source=MAX_PENDING_PER_SOURCE,
+            retry_above=RETRY_ABOVE,
+            resets_per_second=MAX_RESETS_PER_SECOND,
+            negotiations_per_second=MAX_VERSION_NEGOTIATIONS_PER_SECOND,
+        )
+        self.dispatcher = Dispatcher(
+            endpoint,
+            self.table,
+            self.forwarder,
+            self.gate,
+            quic_config=quic_config,
+            tickets=self.tickets,
+            reset_tokens=ResetTokens(identity.seed),
+            new_session=self._new_session,
+        )
+        pool4, pool6 = self.authority.pool4, self.authority.pool6
+        self.services = SessionServices(
+            table=self.table,
+            forwarder=self.forwarder,
+            gatekeeper=self.gatekeeper,
+            tickets=self.tickets,
+            endpoint=endpoint,
+            handshake_finished=self.dispatcher.handshake_finished,
+            handshake_timeout=config.handshake_timeout,
+            tunnel_addresses=(
+                pool4.server_ip.packed if pool4 is not None else None,
+                pool6.server_ip.packed if pool6 is not None else None,
+            ),
+        )
+
+    def _new_session(
+        self, quic: QuicConnection, remote: Any, source: Any, tickets: list[SessionTicket]
+    ) -> ServerSession:
+        return ServerSession(self.services, quic, remote, source, tickets)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the pumps, and every session in a nursery of their own, until cancelled."""
+        async with trio.open_nursery() as sessions, trio.open_nursery() as pumps:
+            # Sessions never raise (each is its own boundary), so nothing a client does can
+            # cancel the pumps; cancelling the pumps (shutdown) cancels the sessions too.
+            self.dispatcher.nursery = sessions
+            pumps.start_soon(self.dispatcher.udp_pump)
+            pumps.start_soon(self.forwarder.tun_pump)
+            pumps.start_soon(self.table.lease_reaper)
+            if self.forwarder.nat64 is not None:
+                pumps.start_soon(self.forwarder.nat64_reaper)
+            task_status.started()
+
+    def flush(self) -> None:
+        """Send what every touched session has queued."""
+        transmit_touched(self.touched)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read tokens and allowed_clients; keep everything else and every session."""
+        path = self.config_path
+        if path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            fresh = load_server_config(path)
+        except TunnelError as exc:
+            log.error("SIGHUP: %s; keeping the running configuration", exc)
+            return
+        self.authority.reload(
+            tokens=TokenSet(fresh.auth_tokens), allowed_clients=fresh.allowed_clients
+        )
+        revoked = self.revoke_failing()
+        log.info(
+            "SIGHUP: reloaded %d token(s) and allowed_clients; %d session(s) revoked",
+            len(fresh.auth_tokens),
+            revoked,
+        )
+
+    def revoke_failing(self) -> int:
+        """Close every live session whose credentials the current policy no longer admits."""
+        revoked = self.table.revoke_failing(self.authority.still_admits)
+        self.gatekeeper.revoked += revoked
+        self.flush()
+        return revoked
+
+    @property
+    def drops(self) -> Drops:
+        """Every drop the server counted, by reason, gathered from the objects that drop."""
+        drops = Drops(self.dispatcher.drops)
+        drops.update(self.forwarder.drops)
+        drops.update(tun_write=self.tun.write_drops, udp_send=self.endpoint.send_drops)
+        return drops
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "server",
+            "id": self.identity.public_id,
+            "listen": format_address(self.endpoint.local_address),
+            "tun": self.tun.name,
+            "uptime": round(trio.current_time() - self.started_at, 3),
+            "pid": os.getpid(),
+            "sessions": [s.status() for s in self.table.authenticated()],
+            **self.dispatcher.status(),
+            **self.gatekeeper.status(),
+            **self.table.status(),
+            "udp_gso": self.endpoint.gso,  # segmentation offload still in use
+            "drops": dict(self.drops),
+            "nat64": self.forwarder.nat64_status(str(self.config.nat64.prefix)),
+        }
+
+
+NAT64_OWNER = ("nat64", 0)  # the pool lease holding the translator's source address
+
+
+def _nat64(config: ServerConfig, authority: Authority) -> tuple[Nat64 | None, bytes, bytes]:
+    """The translator, its IPv4 source (packed) and its /96 prefix's first 12 bytes, or
+    (None, b"", b"") when NAT64 is off. Without a configured ``source_ip`` the translator takes
+    an address of its own from the IPv4 pool: it must be one the kernel routes into our TUN,
+    never a local address of the server."""
+    settings = config.nat64
+    if not settings.enabled:
+        return None, b"", b""
+    source = settings.source_ip
+    if source is None:
+        assert authority.pool4 is not None  # the config requires source_ip or network
+        allocated = authority.pool4.allocate(NAT64_OWNER)
+        assert isinstance(allocated, ipaddress.IPv4Address)  # an IPv4 pool's
+        source = allocated
+    translator = Nat64(
+        prefix=settings.prefix,
+        source_ip=source,
+        port_range=settings.port_range,
+        tcp_timeout=settings.tcp_timeout,
+        udp_timeout=settings.udp_timeout,
+        icmp_timeout=settings.icmp_timeout,
+        max_mappings_per_client=settings.max_mappings_per_client,
+        mtu=config.mtu,
+    )
+    return translator, source.packed, settings.prefix.network_address.packed[:12]
+
+
+def _authority(config: ServerConfig, identity: Identity) -> Authority:
+    return Authority(
+        server_key=identity.public_key,
+        tokens=TokenSet(config.auth_tokens),
+        allowed_clients=config.allowed_clients,
+        max_clients=config.max_clients,
+        max_sessions_per_client=config.max_sessions_per_client,
+        pool4=AddressPool(config.network, config.server_ip, key="network")
+        if config.network is not None
+        else None,
+        pool6=AddressPool(config.network6, config.server_ip6, key="network6")
+        if config.network6 is not None
+        else None,
+        mtu=config.mtu,
+        lease_grace=config.lease_grace,
+    )
+
+
+def _prepare_nat64(server: Server, host_changes: Any, tun_name: str) -> None:
+    """Make the kernel hand replies for the translator's source address to our TUN, and say so
+    plainly if this namespace does not forward IPv4 (translated packets would go nowhere)."""
+    source = ipaddress.IPv4Address(server.forwarder.nat64_source)
+    pool4 = server.authority.pool4
+    if pool4 is None or source not in pool4.network:
+        host_changes.add_route(ipaddress.IPv4Network(f"{source}/32"), ifname=tun_name)
+    if not ipv4_forwarding_enabled():
+        log.warning(
+            "nat64: IPv4 forwarding is off in this network namespace "
+            "(net.ipv4.ip_forward = 0): translated packets will not leave this host"
+        )
+    log.info("nat64: %s -> IPv4 from %s", server.config.nat64.prefix, source)
+
+
+def ipv4_forwarding_enabled() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as knob:
+            return knob.read().strip() == "1"
+    except OSError:
+        return True  # cannot tell: do not warn
+
+
+def _status(server: Server | None) -> dict[str, Any]:
+    # The control socket is served only once the server exists.
+    assert server is not None
+    return server.status()
+
+
+async def run_server(
+    config: ServerConfig, options: RunOptions, platform: Platform = SYSTEM
+) -> None:
+    """Run the server until SIGTERM/SIGINT (or until cancelled)."""
+    check_ready_fd(options.ready_fd)
+    identity = read_key_file(config.key_file)
+    server: Server | None = None
+    # First, so that a second daemon with the same config is refused before touching anything.
+    control = ControlServer(control_socket_path(config.control_socket), lambda: _status(server))
+    with contextlib.ExitStack() as undo:
+        # Synchronous undo on purpose: it cannot be cancelled halfway.
+        undo.callback(control.close)
+        tun = platform.open_tun(config.tun_name)
+        undo.callback(tun.close)
+        host_changes = platform.host_changes()
+        undo.callback(host_changes.close)
+        undo.callback(host_changes.undo)
+        endpoint = await platform.open_udp(
+            config.listen_host, config.listen_port, key="listen", reply_from_target=True
+        )
+        undo.callback(endpoint.close)
+        server = Server(config, identity, endpoint, tun, options.config_path)
+        host_changes.bring_up(tun.name, config.mtu)
+        pools = [p for p in (server.authority.pool4, server.authority.pool6) if p is not None]
+        for pool in pools:
+            host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
+        if server.forwarder.nat64 is not None:
+            _prepare_nat64(server, host_changes, tun.name)
+        await control.bind()
+        log.info(
+            "server %s listening on %s, %s up (%s)",
+            identity.public_id,
+            format_address(endpoint.local_address),
+            tun.name,
+            ", ".join(f"{p.server_ip}/{p.network.prefixlen}" for p in pools),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals, nursery.cancel_scope, server.reload)
+            nursery.start_soon(control.serve)
+            await nursery.start(server.run)
+            notify_ready(options.ready_fd)
+        log.info("server stopped")

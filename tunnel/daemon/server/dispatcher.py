@@ -1,0 +1,239 @@
+"""The server's one receive loop: each datagram to its connection, or to admission.
+
+A datagram whose connection ID names a session goes to that session's driver (its boundary).
+Any other asks :class:`~tunnel.core.admission.HandshakeGate`, and the dispatcher carries out
+the verdict: a new session, a Retry, a Version Negotiation, a stateless reset, or a drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import (
+    QuicHeader,
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+from aioquic.tls import SessionTicket
+
+from tunnel.core.admission import HandshakeGate, PacketKind, UnknownDatagram, Verdict
+from tunnel.daemon.aioquic_private.state import ResettableConnection, tune
+from tunnel.daemon.quic import ResetTokens, TicketStore
+from tunnel.daemon.server.forwarder import Forwarder
+from tunnel.daemon.server.sessions import SessionTable
+from tunnel.daemon.session import Drops, transmit_touched
+from tunnel.daemon.udp import UdpEndpoint
+
+if TYPE_CHECKING:
+    from tunnel.daemon.server.session import ServerSession
+
+log = logging.getLogger("tunnel.server")
+
+UDP_BATCH = 64
+# Our connection IDs: their length lets a short header be read without parsing it.
+CID_LENGTH = 8
+
+_KINDS = {
+    QuicPacketType.INITIAL: PacketKind.INITIAL,
+    QuicPacketType.ONE_RTT: PacketKind.ONE_RTT,
+    QuicPacketType.VERSION_NEGOTIATION: PacketKind.VERSION_NEGOTIATION,
+}
+
+# Makes the session for an admitted handshake: (connection, client address, local address the
+# client sent to, the list its tickets go to until it authenticates).
+SessionFactory = Callable[[QuicConnection, Any, Any, list[SessionTicket]], "ServerSession"]
+
+
+class Dispatcher:
+    """Reads the UDP endpoint in batches and hands each datagram to its owner."""
+
+    def __init__(
+        self,
+        endpoint: UdpEndpoint,
+        table: SessionTable,
+        forwarder: Forwarder,
+        gate: HandshakeGate,
+        *,
+        quic_config: QuicConfiguration,
+        tickets: TicketStore,
+        reset_tokens: ResetTokens,
+        new_session: SessionFactory,
+    ) -> None:
+        self.endpoint = endpoint
+        self.table = table
+        self.forwarder = forwarder
+        self.gate = gate
+        self.quic_config = quic_config
+        self.tickets = tickets
+        self.reset_tokens = reset_tokens
+        self.new_session = new_session
+        self.retry = QuicRetryTokenHandler()
+        self.drops = Drops()
+        self.retries_sent = 0
+        self.resets_sent = 0
+        self.nursery: trio.Nursery | None = None  # where new sessions run; set by the server
+        # The local address the datagram being handled was sent to (None: the socket's own):
+        # what answers to it (new sessions, Retry, resets, Version Negotiation) leave from.
+        self.source: Any = None
+
+    async def udp_pump(self) -> None:
+        """Forever: a batch of datagrams in, then one send per session that has work."""
+        endpoint = self.endpoint
+        tun = self.forwarder.tun
+        touched = self.table.touched
+        clock = trio.lowlevel.current_clock()
+        while True:
+            await endpoint.wait_readable()
+            now = clock.current_time()
+            received: set[ServerSession] = set()
+            for data, addr, self.source in endpoint.receive_batch_with_local(UDP_BATCH):
+                session = self.dispatch(data, addr, now)
+                if session is not None:
+                    received.add(session)
+            writes = tun.writes
+            for session in received:
+                session.driver.deliver_events()
+                session.after_batch()
+            if tun.writes != writes:
+                # The kernel answers some packets inside our write (an echo reply, a TCP ACK):
+                # take those now, into this batch's send, not after another scheduler round.
+                self.forwarder.forward_from_tun()
+            # One send per session per batch: what receiving produced (ACKs) together with
+            # what the events queued (packets forwarded to other clients, pongs, answers).
+            touched |= received
+            transmit_touched(touched)
+
+    def dispatch(self, data: bytes, addr: Any, now: float) -> ServerSession | None:
+        """One datagram: the session it went to, or None (answered statelessly, or dropped)."""
+        by_cid = self.table.by_cid
+        if data and not data[0] & 0x80:
+            # Short header (every packet after the handshake): our connection IDs come right
+            # after the first byte, no need to parse the header twice.
+            session = by_cid.get(data[1 : 1 + CID_LENGTH])
+            if session is not None:
+                session.driver.receive(data, addr, now)
+                return session
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            self.drops["udp_garbage"] += 1
+            return None
+        session = by_cid.get(header.destination_cid)
+        if session is not None:
+            session.driver.receive(data, addr, now)
+            return session
+        unknown = UnknownDatagram(
+            kind=_KINDS.get(header.packet_type, PacketKind.OTHER),
+            version=header.version,
+            size=len(data),
+            has_token=bool(header.token),
+        )
+        decision = self.gate.decide(unknown, addr[0], now)
+        if decision.drop is not None:
+            self.drops[decision.drop] += 1
+        verdict = decision.verdict
+        if verdict is Verdict.ACCEPT or verdict is Verdict.ACCEPT_IF_TOKEN_VALID:
+            return self._accept(header, data, addr, now)
+        if verdict is Verdict.RETRY:
+            self._send_retry(header, addr, now)
+        elif verdict is Verdict.NEGOTIATE:
+            self._send(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self.quic_config.supported_versions,
+                ),
+                addr,
+            )
+        elif verdict is Verdict.RESET:
+            self._send_stateless_reset(header.destination_cid, len(data), addr)
+        return None
+
+    def _accept(
+        self, header: QuicHeader, data: bytes, addr: Any, now: float
+    ) -> ServerSession | None:
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            # The client answers our Retry: its token proves it owns its address.
+            try:
+                original_cid = self.retry.validate_token(
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
+                    now=now,
+                )
+            except ValueError:
+                self.drops["retry_token_invalid"] += 1
+                return None
+            retry_cid = header.destination_cid
+        tickets: list[SessionTicket] = []
+        quic = tune(
+            ResettableConnection(
+                reset_tokens=self.reset_tokens,
+                configuration=self.quic_config,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_cid,
+                session_ticket_fetcher=self.tickets.pop,
+                session_ticket_handler=tickets.append,
+            )
+        )
+        session = self.new_session(quic, addr, self.source, tickets)
+        self.gate.started(addr[0])
+        self.table.add(session, [header.destination_cid, quic.host_cid])
+        session.driver.receive(data, addr, now)
+        session.send_hello()
+        assert self.nursery is not None
+        self.nursery.start_soon(session.run)
+        return session
+
+    def handshake_finished(self, session: ServerSession) -> None:
+        """A pending handshake ended (accepted, rejected or dropped): it no longer counts."""
+        self.gate.finished(session.remote[0])
+
+    def _send(self, packet: bytes, addr: Any) -> None:
+        self.endpoint.send(packet, addr, self.source)
+
+    def _send_stateless_reset(self, cid: bytes, size: int, addr: Any) -> None:
+        """Tell a client of a connection we do not know (we restarted) that it is gone."""
+        packet = self.reset_tokens.reset_packet(cid, size)
+        if packet is not None:
+            self._send(packet, addr)
+            self.resets_sent += 1
+
+    def _send_retry(self, header: QuicHeader, addr: Any, now: float) -> None:
+        assert header.version is not None  # admission asks Retry of Initials only
+        new_cid = secrets.token_bytes(CID_LENGTH)
+        token = self.retry.create_token(
+            address=addr,
+            original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=new_cid,
+            now=now,
+        )
+        self._send(
+            encode_quic_retry(
+                version=header.version,
+                source_cid=new_cid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            ),
+            addr,
+        )
+        self.retries_sent += 1
+
+    def status(self) -> dict[str, object]:
+        return {
+            "pending_handshakes": self.gate.pending_total,
+            "retries_sent": self.retries_sent,
+            "resets_sent": self.resets_sent,
+        }

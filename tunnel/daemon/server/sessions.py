@@ -1,0 +1,117 @@
+"""The server's sessions: by connection ID (for the dispatcher) and by tunnel address (for the
+forwarder), with their leases.
+
+The table is the one place a session is added, routed, replaced and removed, so no map can keep
+pointing at a session that has ended (the fuzzer checks exactly that after every hostile run).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from tunnel.core.authority import Authority
+from tunnel.core.messages import CLOSE_REPLACED
+from tunnel.core.routing import RouteTable
+from tunnel.daemon.session import Channel
+
+if TYPE_CHECKING:
+    from tunnel.daemon.server.session import ServerSession
+
+log = logging.getLogger("tunnel.server")
+
+
+class SessionTable:
+    """Every live session, the connection IDs that reach it, and the addresses it leases.
+
+    ``by_cid`` is the dispatcher's lookup (our 8-byte connection IDs -> session); ``routes`` is
+    the forwarder's (tunnel address -> the authenticated session holding it). A session is
+    :meth:`add`-ed with its first connection IDs, :meth:`attach`-ed once authenticated (a
+    session of the same client and device holding the addresses is replaced at once), and
+    :meth:`detach`-ed when it ends, which also returns its lease to the pools.
+    """
+
+    def __init__(self, authority: Authority, touched: set[Channel]) -> None:
+        self.authority = authority
+        self.sessions: set[ServerSession] = set()
+        self.by_cid: dict[bytes, ServerSession] = {}
+        self._cids_of: dict[ServerSession, set[bytes]] = {}
+        self.routes: RouteTable[ServerSession] = RouteTable()
+        self.touched = touched
+        self.lease_changed = trio.Event()
+        self.failed = 0  # sessions closed for an internal error (their boundary caught it)
+        self.protocol_violations = 0  # sessions closed for breaking the control protocol
+
+    def add(self, session: ServerSession, cids: list[bytes]) -> None:
+        """A new connection, reached by ``cids`` (the client's chosen one and ours)."""
+        self.sessions.add(session)
+        self._cids_of[session] = set()
+        for cid in cids:
+            self.cid_issued(session, cid)
+
+    def cid_issued(self, session: ServerSession, cid: bytes) -> None:
+        held = self._cids_of.get(session)
+        if held is None:
+            return  # already detached: an event delivered after the end
+        self.by_cid[cid] = session
+        held.add(cid)
+
+    def cid_retired(self, session: ServerSession, cid: bytes) -> None:
+        if self.by_cid.get(cid) is session:
+            del self.by_cid[cid]
+        self._cids_of.get(session, set()).discard(cid)
+
+    def attach(self, session: ServerSession) -> None:
+        """``session`` authenticated: its lease's addresses route to it from now on."""
+        assert session.lease is not None
+        for previous in self.routes.add(session, [a.packed for a in session.lease.addresses]):
+            # The same client and device came back before we noticed the old one die.
+            previous.log.info("replaced by a new session")
+            previous.close(CLOSE_REPLACED, "replaced by a new session")
+
+    def detach(self, session: ServerSession) -> None:
+        """``session`` ended: nothing routes to it, and its lease goes back unless another
+        session (its successor) still holds the same lease."""
+        self.sessions.discard(session)
+        self.touched.discard(session)
+        for cid in self._cids_of.pop(session, ()):
+            if self.by_cid.get(cid) is session:
+                del self.by_cid[cid]
+        self.routes.remove(session)  # only what it still holds: not what a successor took
+        lease = session.lease
+        if lease is not None and not any(s.lease is lease for s in self.sessions):
+            self.authority.release(lease.owner, now=trio.current_time())
+            self.lease_changed.set()
+
+    def authenticated(self) -> list[ServerSession]:
+        """The sessions holding a lease (the ones status shows)."""
+        return [s for s in self.sessions if s.lease is not None]
+
+    def revoke_failing(self, still_admits: Callable[[bytes, bytes], bool]) -> int:
+        """Close every live session whose credentials ``still_admits`` refuses; how many."""
+        revoked = 0
+        for session in list(self.sessions):
+            if session.lease is None or session.client_id is None or session.closing:
+                continue
+            assert session.token_digest is not None
+            if not still_admits(session.client_id, session.token_digest):
+                session.revoke()
+                revoked += 1
+        return revoked
+
+    def status(self) -> dict[str, object]:
+        return {"sessions_failed": self.failed, "protocol_violations": self.protocol_violations}
+
+    async def lease_reaper(self) -> None:
+        """Return leases whose grace period ran out to the pools."""
+        while True:
+            expiry = self.authority.next_expiry()
+            self.lease_changed = trio.Event()
+            with trio.move_on_at(math.inf if expiry is None else expiry):
+                await self.lease_changed.wait()
+            for lease in self.authority.expire(trio.current_time()):
+                log.debug("lease of %s expired", ", ".join(str(a) for a in lease.addresses))
