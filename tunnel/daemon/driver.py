@@ -21,6 +21,7 @@ from aioquic.quic.recovery import K_MICRO_SECOND
 from tunnel.core.messages import CLOSE_INTERNAL
 from tunnel.daemon.aioquic_private.fastpath import (
     Received,
+    live_host_cid,
     outgoing_datagrams,
     receive_datagram_fast,
 )
@@ -75,6 +76,7 @@ class QuicDriver:
             received = receive_datagram_fast(self.quic, data, addr, now)
             if received is Received.NOT_OURS:
                 self.quic.receive_datagram(data, addr, now)
+                live_host_cid(self.quic)
         except Exception as exc:
             self.fail(exc)
             return

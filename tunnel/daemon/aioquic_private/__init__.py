@@ -42,7 +42,8 @@ What is used, by object (r: read, w: written, c: called, o: overridden):
     ``_local_max_streams_bidi`` and ``_local_max_streams_uni`` (w), ``_idle_timeout()`` (c),
     ``_payload_received()`` (c), ``_replenish_connection_ids()`` (o, calling aioquic's).
     Ours, set on the connection: ``_tunnel_one_rtt`` (the 1-RTT space and keys, looked up
-    once) and, on :class:`.state.ResettableConnection`, ``_reset_tokens`` and
+    once), ``_tunnel_live_cid`` (``host_cid`` while still issued: the fast receiver's) and,
+    on :class:`.state.ResettableConnection`, ``_reset_tokens`` and
     ``_derive_reset_tokens()``.
 ``QuicConnection.tls`` (``aioquic.tls.Context``)
     ``_peer_certificate`` (r).
