@@ -137,6 +137,7 @@ class ClientConfig:
     routes6: tuple[IPv6Network, ...] = ()
     mtu: int = DEFAULT_MTU
     auto_reconnect: bool = True
+    peer_to_peer: bool = True  # direct paths to other clients, where the server introduces them
     max_reconnect_attempts: int | None = None
     """None: retry forever."""
     heartbeat_interval: float = 10.0
@@ -584,8 +585,9 @@ def _nat64_from_table(
 _CLIENT_KEYS = frozenset(
     {
         "server", "server_id", "auth_token", "auth_token_file", "key_file", "routes",
-        "routes6", "mtu", "auto_reconnect", "max_reconnect_attempts", "heartbeat_interval",
-        "heartbeat_timeout", "tun_name", "control_socket", "handshake_timeout",
+        "routes6", "mtu", "auto_reconnect", "peer_to_peer", "max_reconnect_attempts",
+        "heartbeat_interval", "heartbeat_timeout", "tun_name", "control_socket",
+        "handshake_timeout",
     }
 )  # fmt: skip
 
@@ -627,6 +629,7 @@ def client_config_from_dict(
         routes6=routes6,
         mtu=mtu,
         auto_reconnect=t.boolean("auto_reconnect", True),
+        peer_to_peer=t.boolean("peer_to_peer", True),
         max_reconnect_attempts=t.integer("max_reconnect_attempts", None, lo=1),
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout,

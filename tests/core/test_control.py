@@ -1,6 +1,6 @@
 """The control-stream rules of both ends, fed frames directly."""
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 from hypothesis import given
@@ -11,6 +11,7 @@ from tunnel.core.control import (
     HELLO_STREAM,
     PONG_BURST,
     ClientControl,
+    PeerControl,
     Phase,
     ServerControl,
 )
@@ -18,7 +19,11 @@ from tunnel.core.messages import (
     CLOSE_PROTOCOL,
     AuthRequest,
     AuthResponse,
+    Candidates,
     Packet,
+    PeerAuth,
+    PeerGone,
+    PeerIntro,
     Ping,
     Pong,
     ServerHello,
@@ -193,5 +198,115 @@ def test_client_raises_nothing_but_violations(chunks):
         try:
             if client.stream_data(stream_id, data, fin, 0.0).hello is not None:
                 client.request_sent()
+        except ProtocolViolation:
+            return
+
+
+# --- direct paths --------------------------------------------------------------------------------
+
+CANDIDATES = Candidates(endpoints=((IPv6Address("2001:db8::2"), 40000),))
+INTRO = PeerIntro(
+    peer_id=bytes(range(32)),
+    addresses=(IPv4Address("10.8.0.3"),),
+    endpoints=((IPv4Address("198.51.100.9"), 40001),),
+    secret=bytes(32),
+)
+GONE = PeerGone(peer_id=bytes(range(32)))
+PEER_AUTH = PeerAuth(client_id=bytes(32), signature=bytes(64), max_datagram_payload=1400)
+
+
+def established_client(*, peers: bool) -> ClientControl:
+    client = ClientControl()
+    client.stream_data(HELLO_STREAM, encode_frame(HELLO), False, 0.0)
+    client.request_sent(peers=peers)
+    client.stream_data(CONTROL_STREAM, encode_frame(ACCEPT), False, 0.0)
+    return client
+
+
+def test_server_takes_candidates_only_from_a_client_that_takes_peers():
+    server = ServerControl()
+    server.stream_data(CONTROL_STREAM, encode_frame(REQUEST), False, 0.0)
+    server.established(peers=True)
+    frames = encode_frame(CANDIDATES) + encode_frame(Candidates(endpoints=()))
+    assert server.stream_data(CONTROL_STREAM, frames, False, 0.0).candidates == Candidates(())
+    assert "takes no peers" in violation(
+        established_server().stream_data, CONTROL_STREAM, encode_frame(CANDIDATES), False, 0.0
+    )
+    before = ServerControl()
+    assert "before authentication" in violation(
+        before.stream_data, CONTROL_STREAM, encode_frame(CANDIDATES), False, 0.0
+    )
+
+
+@pytest.mark.parametrize("frame", [INTRO, GONE, PEER_AUTH], ids=repr)
+def test_server_refuses_what_only_clients_are_sent(frame):
+    server = ServerControl()
+    server.stream_data(CONTROL_STREAM, encode_frame(REQUEST), False, 0.0)
+    server.established(peers=True)
+    assert violation(server.stream_data, CONTROL_STREAM, encode_frame(frame), False, 0.0)
+
+
+def test_client_takes_introductions_only_when_it_asked_for_them():
+    client = established_client(peers=True)
+    received = client.stream_data(
+        CONTROL_STREAM, encode_frame(INTRO) + encode_frame(GONE), False, 0.0
+    )
+    assert received.intros == [INTRO] and received.gone == [GONE.peer_id]
+    for frame in (INTRO, GONE):
+        assert "take no peers" in violation(
+            established_client(peers=False).stream_data,
+            CONTROL_STREAM,
+            encode_frame(frame),
+            False,
+            0.0,
+        )
+    early = ClientControl()
+    early.stream_data(HELLO_STREAM, encode_frame(HELLO), False, 0.0)
+    early.request_sent(peers=True)
+    assert "before the AuthResponse" in violation(
+        early.stream_data, CONTROL_STREAM, encode_frame(INTRO), False, 0.0
+    )
+    assert violation(
+        established_client(peers=True).stream_data,
+        CONTROL_STREAM,
+        encode_frame(CANDIDATES),
+        False,
+        0.0,
+    )
+
+
+def test_peer_responder_takes_the_peer_auth_first_and_once():
+    responder = PeerControl(initiator=False)
+    assert "before the PeerAuth" in violation(
+        responder.stream_data, CONTROL_STREAM, PING, False, 0.0
+    )
+    responder = PeerControl(initiator=False)
+    assert "before the PeerAuth" in violation(responder.datagram)
+    received = responder.stream_data(CONTROL_STREAM, encode_frame(PEER_AUTH) + PING, False, 0.0)
+    assert received.peer_auth == PEER_AUTH and received.answer_ping
+    responder.datagram()  # accepted now
+    assert "unexpected PeerAuth" in violation(
+        responder.stream_data, CONTROL_STREAM, encode_frame(PEER_AUTH), False, 0.0
+    )
+
+
+@pytest.mark.parametrize("frame", [PEER_AUTH, REQUEST, HELLO, ACCEPT, INTRO, CANDIDATES], ids=repr)
+def test_peer_initiator_takes_data_only(frame):
+    initiator = PeerControl(initiator=True)
+    packet = encode_frame(Packet(b"\x45" + bytes(19)))
+    assert initiator.stream_data(CONTROL_STREAM, packet + PONG, False, 0.0).pong_seen
+    assert violation(initiator.stream_data, CONTROL_STREAM, encode_frame(frame), False, 0.0)
+
+
+@given(
+    st.booleans(),
+    st.lists(st.tuples(st.integers(0, 12), st.binary(max_size=64), st.booleans()), max_size=20),
+)
+def test_peer_control_raises_nothing_but_violations(initiator, chunks):
+    control = PeerControl(initiator=initiator)
+    for stream_id, data, fin in chunks:
+        try:
+            control.stream_data(stream_id, data, fin, 0.0)
+            control.datagram()
         except ProtocolViolation:
             return

@@ -13,12 +13,17 @@ from tunnel.core import messages as m
 from tunnel.core.messages import (
     AuthRequest,
     AuthResponse,
+    Candidates,
     FrameDecoder,
     Packet,
+    PeerAuth,
+    PeerGone,
+    PeerIntro,
     Ping,
     Pong,
     ServerHello,
     auth_transcript,
+    peer_transcript,
     decode_control_payload_untrusted,
     encode_control_payload,
     encode_frame,
@@ -83,6 +88,7 @@ hellos = st.builds(
     version=st.integers(0, 2**32 - 1),
     nonce=st.binary(min_size=32, max_size=32),
     max_datagram_payload=st.integers(0, m.MAX_PACKET),
+    peers=st.booleans(),
 )
 requests = st.builds(
     AuthRequest,
@@ -92,7 +98,31 @@ requests = st.builds(
     auth_token=st.none() | texts,
     signature=st.binary(min_size=64, max_size=64),
     max_datagram_payload=st.integers(0, m.MAX_PACKET),
+    peers=st.booleans(),
 )
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
+endpoint_lists = st.lists(
+    st.tuples(addresses, st.integers(1, 65535)), max_size=m.MAX_ENDPOINTS
+).map(tuple)
+candidates = st.builds(Candidates, endpoints=endpoint_lists)
+intros = st.builds(
+    PeerIntro,
+    peer_id=st.binary(min_size=32, max_size=32),
+    addresses=st.one_of(
+        st.tuples(addresses),
+        st.tuples(st.ip_addresses(v=4), st.ip_addresses(v=6)),
+    ),
+    endpoints=endpoint_lists,
+    secret=st.binary(min_size=32, max_size=32),
+)
+gones = st.builds(PeerGone, peer_id=st.binary(min_size=32, max_size=32))
+peer_auths = st.builds(
+    PeerAuth,
+    client_id=st.binary(min_size=32, max_size=32),
+    signature=st.binary(min_size=64, max_size=64),
+    max_datagram_payload=st.integers(0, m.MAX_PACKET),
+)
+peer_messages = st.one_of(candidates, intros, gones, peer_auths)
 
 
 @st.composite
@@ -133,7 +163,9 @@ def responses(draw):
 
 
 packets = st.builds(Packet, st.binary(max_size=3000))
-frames = st.one_of(hellos, requests, responses(), packets, st.just(Ping()), st.just(Pong()))
+frames = st.one_of(
+    hellos, requests, responses(), peer_messages, packets, st.just(Ping()), st.just(Pong())
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(texts, children, max_size=4),
@@ -323,7 +355,7 @@ def test_roundtrip_every_frame(msg):
     roundtrip(msg)
 
 
-@given(st.one_of(hellos, requests, responses()))
+@given(st.one_of(hellos, requests, responses(), peer_messages))
 def test_payload_roundtrip(msg):
     frame_type = encode_frame(msg)[0]
     assert decode_control_payload_untrusted(frame_type, encode_control_payload(msg)) == msg
@@ -393,7 +425,7 @@ def test_buffer_never_exceeds_one_frame():
 # --- decoding failures -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frame_type", [0x03, 0x0F, 0x13, 0x45, 0x60, 0xFF])
+@pytest.mark.parametrize("frame_type", [0x03, 0x0F, 0x17, 0x45, 0x60, 0xFF])
 def test_unknown_frame_type(frame_type):
     with pytest.raises(DecodeError):
         FrameDecoder().feed(bytes([frame_type]))
@@ -414,6 +446,10 @@ def test_unknown_type_after_partial_frame():
         (m.FRAME_SERVER_HELLO, m.MAX_CONTROL_PAYLOAD),
         (m.FRAME_AUTH_REQUEST, m.MAX_CONTROL_PAYLOAD),
         (m.FRAME_AUTH_RESPONSE, m.MAX_CONTROL_PAYLOAD),
+        (m.FRAME_CANDIDATES, m.MAX_CONTROL_PAYLOAD),
+        (m.FRAME_PEER_INTRO, m.MAX_CONTROL_PAYLOAD),
+        (m.FRAME_PEER_GONE, m.MAX_CONTROL_PAYLOAD),
+        (m.FRAME_PEER_AUTH, m.MAX_CONTROL_PAYLOAD),
     ],
 )
 def test_oversized_length_rejected_from_header_alone(frame_type, limit):
@@ -581,9 +617,7 @@ def test_fuzz_frame_decoder_random_bytes(data):
         out = decoder.feed(data)
     except DecodeError:
         return
-    assert all(
-        isinstance(f, Packet | Ping | Pong | ServerHello | AuthRequest | AuthResponse) for f in out
-    )
+    assert all(isinstance(f, Packet | Ping | Pong | m.ControlMessage) for f in out)
 
 
 @given(st.lists(st.binary(max_size=40), max_size=10))
@@ -687,3 +721,90 @@ def test_auth_transcript_binds_every_field():
 def test_auth_transcript_rejects_bad_arguments(args):
     with pytest.raises(ValueError):
         auth_transcript(*args)
+
+
+# -- direct paths between clients -------------------------------------------------------------
+
+
+def test_peer_frames_wire_format():
+    intro = PeerIntro(
+        peer_id=KEY,
+        addresses=(IPv4Address("10.78.0.3"), IPv6Address("fd78::3")),
+        endpoints=((IPv4Address("198.51.100.7"), 40000), (IPv6Address("2001:db8::7"), 40000)),
+        secret=NONCE,
+    )
+    assert json.loads(encode_control_payload(intro)) == {
+        "peer_id": KEY.hex(),
+        "addresses": ["10.78.0.3", "fd78::3"],
+        "endpoints": [["198.51.100.7", 40000], ["2001:db8::7", 40000]],
+        "secret": NONCE.hex(),
+    }
+    assert encode_frame(PeerGone(KEY))[0] == m.FRAME_PEER_GONE
+
+
+def test_peers_flags_are_omitted_when_off_so_older_peers_see_nothing_new():
+    plain = ServerHello(version=2, nonce=NONCE, max_datagram_payload=1200)
+    assert "peers" not in json.loads(encode_control_payload(plain))
+    offered = ServerHello(version=2, nonce=NONCE, max_datagram_payload=1200, peers=True)
+    assert json.loads(encode_control_payload(offered))["peers"] is True
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Candidates(endpoints=((IPv4Address("192.0.2.1"), 0),)),  # port 0
+        lambda: Candidates(endpoints=((IPv4Address("192.0.2.1"), 1),) * (m.MAX_ENDPOINTS + 1)),
+        lambda: Candidates(endpoints=(("192.0.2.1", 1),)),  # not an address object
+        lambda: PeerIntro(peer_id=KEY, addresses=(), endpoints=(), secret=NONCE),
+        lambda: PeerIntro(
+            peer_id=KEY,
+            addresses=(IPv4Address("10.0.0.1"), IPv4Address("10.0.0.2")),  # two IPv4
+            endpoints=(),
+            secret=NONCE,
+        ),
+        lambda: PeerIntro(
+            peer_id=KEY, addresses=(IPv4Address("10.0.0.1"),), endpoints=(), secret=b"x"
+        ),
+    ],
+)
+def test_peer_messages_reject_invalid_fields(build):
+    with pytest.raises((ValueError, TypeError)):
+        build()
+
+
+@pytest.mark.parametrize(
+    "frame_type, obj",
+    [
+        (m.FRAME_CANDIDATES, {}),
+        (m.FRAME_CANDIDATES, {"endpoints": [["192.0.2.1"]]}),
+        (m.FRAME_CANDIDATES, {"endpoints": [["192.0.2.1", 0]]}),
+        (m.FRAME_CANDIDATES, {"endpoints": [["192.0.2.1", True]]}),
+        (m.FRAME_CANDIDATES, {"endpoints": [["not an address", 1]]}),
+        (m.FRAME_CANDIDATES, {"endpoints": [[1, 1]]}),
+        (m.FRAME_CANDIDATES, {"endpoints": [["192.0.2.1", 1]] * (m.MAX_ENDPOINTS + 1)}),
+        (m.FRAME_PEER_INTRO, {"peer_id": KEY.hex(), "addresses": [], "endpoints": []}),
+        (
+            m.FRAME_PEER_INTRO,
+            {
+                "peer_id": KEY.hex(),
+                "addresses": ["10.0.0.1", "fd00::1", "10.0.0.2"],
+                "endpoints": [],
+                "secret": NONCE.hex(),
+            },
+        ),
+        (m.FRAME_PEER_GONE, {"peer_id": "00"}),
+        (m.FRAME_PEER_AUTH, {"client_id": KEY.hex(), "signature": SIG.hex()}),
+    ],
+)
+def test_decode_rejects_bad_peer_messages(frame_type, obj):
+    with pytest.raises(DecodeError):
+        decode_control_payload_untrusted(frame_type, json.dumps(obj).encode())
+
+
+def test_peer_transcript_is_distinct_from_the_server_transcript():
+    binding = bytes(32)
+    peer = peer_transcript(NONCE, KEY, SIG[:32], binding)
+    server = auth_transcript(NONCE, KEY, SIG[:32], 0, binding)
+    assert peer != server and not server.startswith(peer[:15])
+    with pytest.raises(ValueError):
+        peer_transcript(NONCE[:31], KEY, KEY, binding)

@@ -13,6 +13,10 @@ sends is acted on outside these rules:
   or DATAGRAMs); after it, packets, pings and pongs. Client side, the server's hello comes
   first, then one ``AuthResponse``; once established a rejecting ``AuthResponse`` means the
   server revoked our credentials.
+* Direct paths: once established, a client may tell the server its ``Candidates`` (if it said
+  ``peers`` in its request, which the server checks), and the server may introduce other clients
+  (``PeerIntro``, ``PeerGone``) to a client that said so. Neither side accepts the other's
+  kind. :class:`PeerControl` holds the rules of a direct connection between two clients.
 * Pings are answered with at most one pong per batch of stream data and within a budget per
   connection, so a flood of pings never becomes a flood of pongs queued for a peer that may be
   withholding flow-control credit.
@@ -30,9 +34,13 @@ from tunnel.core.messages import (
     CLOSE_PROTOCOL,
     AuthRequest,
     AuthResponse,
+    Candidates,
     Frame,
     FrameDecoder,
     Packet,
+    PeerAuth,
+    PeerGone,
+    PeerIntro,
     Ping,
     Pong,
     ServerHello,
@@ -72,6 +80,10 @@ class Received:
     auth: AuthRequest | None = None  # server side
     hello: ServerHello | None = None  # client side
     response: AuthResponse | None = None  # client side
+    candidates: Candidates | None = None  # server side: the latest in this batch
+    intros: list[PeerIntro] = attrs.field(factory=list)  # client side
+    gone: list[bytes] = attrs.field(factory=list)  # client side: peer IDs
+    peer_auth: PeerAuth | None = None  # direct connection, responder side
 
 
 class _Endpoint:
@@ -126,6 +138,7 @@ class ServerControl(_Endpoint):
     def __init__(self) -> None:
         super().__init__(Phase.AWAITING_AUTH)
         self._auth_seen = False
+        self.peers = False  # the accepted client takes part in direct paths
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool, now: float) -> Received:
         """Frames the client sent; raises ProtocolViolation for anything out of place."""
@@ -142,13 +155,18 @@ class ServerControl(_Endpoint):
                 # Nothing but the request before we said yes (the frames after a request in
                 # the same batch come before our answer, too).
                 raise _violation(f"{type(frame).__name__} before authentication")
+            elif isinstance(frame, Candidates):
+                if not self.peers:
+                    raise _violation("Candidates from a client that takes no peers")
+                received.candidates = frame
             else:
                 self._data_frame(frame, received, now)
         return received
 
-    def established(self) -> None:
-        """The request was accepted."""
+    def established(self, *, peers: bool = False) -> None:
+        """The request was accepted; ``peers``: the client takes part in direct paths."""
         self.phase = Phase.ESTABLISHED
+        self.peers = peers
 
     def datagram(self) -> None:
         """A DATAGRAM frame arrived: only an authenticated client may send one."""
@@ -163,6 +181,7 @@ class ClientControl(_Endpoint):
         super().__init__(Phase.AWAITING_HELLO)
         self._hello_decoder = FrameDecoder()
         self._hello_seen = False
+        self.peers = False
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool, now: float) -> Received:
         """Frames the server sent; raises ProtocolViolation for anything out of place."""
@@ -191,10 +210,59 @@ class ClientControl(_Endpoint):
                     return received  # rejected or revoked: nothing after it matters
             elif self.phase is not Phase.ESTABLISHED:
                 raise _violation(f"{type(frame).__name__} before the AuthResponse")
+            elif isinstance(frame, PeerIntro):
+                if not self.peers:
+                    raise _violation("PeerIntro, but we take no peers")
+                received.intros.append(frame)
+            elif isinstance(frame, PeerGone):
+                if not self.peers:
+                    raise _violation("PeerGone, but we take no peers")
+                received.gone.append(frame.peer_id)
             else:
                 self._data_frame(frame, received, now)
         return received
 
-    def request_sent(self) -> None:
-        """We answered the hello with our AuthRequest."""
+    def request_sent(self, *, peers: bool = False) -> None:
+        """We answered the hello with our AuthRequest (``peers``: asking for introductions)."""
         self.phase = Phase.AWAITING_AUTH
+        self.peers = peers
+
+
+class PeerControl(_Endpoint):
+    """The rules of a direct connection between two clients, on its bidirectional stream 0.
+
+    The initiator (QUIC client) sends one ``PeerAuth`` first, then a ping, and sends packets
+    only once the pong came back (a full round trip on the direct path). The responder accepts
+    nothing before the ``PeerAuth`` (no packets, pings or DATAGRAMs), and nothing but packets,
+    pings and pongs after it; the shell checks ``received.peer_auth`` before it acts on
+    anything else of the same batch, and closes the connection if it fails. The initiator
+    accepts packets, pings and pongs, and no ``PeerAuth``. No other stream.
+    """
+
+    def __init__(self, *, initiator: bool) -> None:
+        super().__init__(Phase.ESTABLISHED if initiator else Phase.AWAITING_AUTH)
+        self.initiator = initiator
+        self._auth_seen = False
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool, now: float) -> Received:
+        """Frames the peer sent; raises ProtocolViolation for anything out of place."""
+        if stream_id != CONTROL_STREAM:
+            raise _violation(f"unexpected stream {stream_id}")
+        received = Received()
+        for frame in self._decode(self._decoder, data, end_stream, "peer"):
+            if isinstance(frame, PeerAuth):
+                if self.initiator or self._auth_seen:
+                    raise _violation("an unexpected PeerAuth")
+                self._auth_seen = True
+                received.peer_auth = frame
+                self.phase = Phase.ESTABLISHED  # provisionally: the shell verifies it first
+            elif self.phase is not Phase.ESTABLISHED:
+                raise _violation(f"{type(frame).__name__} before the PeerAuth")
+            else:
+                self._data_frame(frame, received, now)
+        return received
+
+    def datagram(self) -> None:
+        """A DATAGRAM frame arrived: only once the peer is authenticated."""
+        if self.phase is not Phase.ESTABLISHED:
+            raise _violation("DATAGRAM before the PeerAuth")

@@ -4,7 +4,8 @@ See docs/ARCHITECTURE.md, "The connection" and "The data path". Everything here 
 
 On a stream every unit is a *frame*:
 
-* control messages (``ServerHello``, ``AuthRequest``, ``AuthResponse``):
+* control messages (``ServerHello``, ``AuthRequest``, ``AuthResponse``; for direct paths
+  between clients ``Candidates``, ``PeerIntro``, ``PeerGone`` and ``PeerAuth``):
   ``type (u8) + length (u32 BE) + payload``, the payload a UTF-8 JSON object of at most
   ``MAX_CONTROL_PAYLOAD`` bytes;
 * ``Packet``: ``0x00 + length (u32 BE) + IP packet`` (at most ``MAX_PACKET`` bytes);
@@ -27,7 +28,7 @@ import json
 import re
 import struct
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, TypeAlias, TypeVar
 
 import attrs
@@ -45,27 +46,40 @@ __all__ = [
     "CLOSE_RATE_LIMITED",
     "CLOSE_INTERNAL",
     "ALPN",
+    "PEER_ALPN",
     "DATAGRAM_PING",
     "DATAGRAM_PONG",
     "FRAME_AUTH_REQUEST",
+    "FRAME_CANDIDATES",
+    "FRAME_PEER_AUTH",
+    "FRAME_PEER_GONE",
+    "FRAME_PEER_INTRO",
     "FRAME_AUTH_RESPONSE",
     "FRAME_PACKET",
     "FRAME_PING",
     "FRAME_PONG",
     "FRAME_SERVER_HELLO",
     "MAX_CONTROL_PAYLOAD",
+    "MAX_ENDPOINTS",
     "MAX_PACKET",
     "PROTOCOL_VERSION",
     "AuthRequest",
+    "Address",
     "AuthResponse",
+    "Candidates",
     "ControlMessage",
+    "Endpoint",
     "Frame",
     "FrameDecoder",
     "Packet",
+    "PeerAuth",
+    "PeerGone",
+    "PeerIntro",
     "Ping",
     "Pong",
     "ServerHello",
     "auth_transcript",
+    "peer_transcript",
     "decode_control_payload_untrusted",
     "encode_control_payload",
     "encode_frame",
@@ -73,6 +87,7 @@ __all__ = [
 
 PROTOCOL_VERSION = 2
 ALPN = "tunnel/1"
+PEER_ALPN = "tunnel-peer/1"  # a direct connection between two clients: never a server's
 
 FRAME_PACKET = 0x00
 FRAME_PING = 0x01
@@ -80,6 +95,13 @@ FRAME_PONG = 0x02
 FRAME_SERVER_HELLO = 0x10
 FRAME_AUTH_REQUEST = 0x11
 FRAME_AUTH_RESPONSE = 0x12
+FRAME_CANDIDATES = 0x13  # client -> server: where the client can be reached directly
+FRAME_PEER_INTRO = 0x14  # server -> client: another client, and how to reach it
+FRAME_PEER_GONE = 0x15  # server -> client: that client is no longer reachable through us
+FRAME_PEER_AUTH = 0x16  # peer -> peer: the initiator's proof on a direct connection
+
+# At most this many underlay endpoints per client: a client could report a million.
+MAX_ENDPOINTS = 8
 
 MAX_CONTROL_PAYLOAD = 4096
 MAX_PACKET = 65535
@@ -114,6 +136,7 @@ _MIN_MTU6 = 1280
 _HEADER = struct.Struct(">BI")
 _HEADER_SIZE = _HEADER.size
 _TRANSCRIPT_LABEL = b"tunnel-auth-v2\x00"
+_PEER_TRANSCRIPT_LABEL = b"tunnel-peer-v1\x00"
 _DEVICE_ID = struct.Struct(">Q")
 
 _T = TypeVar("_T")
@@ -191,12 +214,14 @@ class ServerHello:
     """First message of the server, on its first unidirectional stream.
 
     ``nonce`` is 32 fresh random bytes the client must sign; ``max_datagram_payload`` is the
-    largest QUIC datagram payload the server accepts (0: none).
+    largest QUIC datagram payload the server accepts (0: none); ``peers``: the server
+    introduces clients to each other for direct paths (its ``client_to_client`` is on).
     """
 
     version: int = attrs.field(validator=_int_in(0, _U32_MAX))
     nonce: bytes = attrs.field(validator=_bytes_of(NONCE_SIZE))
     max_datagram_payload: int = attrs.field(validator=_int_in(0, MAX_PACKET))
+    peers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
 @attrs.frozen
@@ -213,6 +238,9 @@ class AuthRequest:
     auth_token: str | None = attrs.field(validator=_optional_text)
     signature: bytes = attrs.field(validator=_bytes_of(SIGNATURE_SIZE))
     max_datagram_payload: int = attrs.field(validator=_int_in(0, MAX_PACKET))
+    peers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    """The client takes peer introductions (its ``peer_to_peer`` is on): without it, the
+    server never sends it a frame it would not know."""
 
 
 @attrs.frozen
@@ -256,6 +284,77 @@ class AuthResponse:
             raise ValueError("a rejecting AuthResponse carries no addresses and no mtu")
 
 
+Address: TypeAlias = IPv4Address | IPv6Address
+Endpoint: TypeAlias = tuple[Address, int]  # an underlay address and UDP port
+
+
+def _check_endpoints(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, tuple):
+        raise TypeError(f"{attribute.name} must be a tuple")
+    if len(value) > MAX_ENDPOINTS:
+        raise ValueError(f"{attribute.name}: {len(value)} endpoints, at most {MAX_ENDPOINTS}")
+    for item in value:
+        if (
+            not isinstance(item, tuple)
+            or len(item) != 2
+            or not isinstance(item[0], IPv4Address | IPv6Address)
+            or isinstance(item[1], bool)
+            or not isinstance(item[1], int)
+            or not 1 <= item[1] <= 65535
+        ):
+            raise ValueError(f"{attribute.name}: not an (address, port) pair: {item!r}")
+
+
+def _check_tunnel_addresses(
+    _instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if not isinstance(value, tuple) or not 1 <= len(value) <= 2:
+        raise ValueError(f"{attribute.name} must hold one or two addresses")
+    if not all(isinstance(a, IPv4Address | IPv6Address) for a in value):
+        raise TypeError(f"{attribute.name} must hold addresses")
+    if len({a.version for a in value}) != len(value):
+        raise ValueError(f"{attribute.name}: at most one address of each family")
+
+
+@attrs.frozen
+class Candidates:
+    """The client's own underlay endpoints (interface addresses with the port of the socket it
+    talks to the server from), for the server to pass on in introductions. The server adds the
+    endpoint it observes itself, first."""
+
+    endpoints: tuple[Endpoint, ...] = attrs.field(validator=_check_endpoints)
+
+
+@attrs.frozen
+class PeerIntro:
+    """The server introduces another client: its key (its identity on a direct path), its
+    tunnel addresses, the endpoints to try, and a secret only the two of them and the server
+    know (it keys the probes and binds the direct connection's proof)."""
+
+    peer_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
+    addresses: tuple[Address, ...] = attrs.field(validator=_check_tunnel_addresses)
+    endpoints: tuple[Endpoint, ...] = attrs.field(validator=_check_endpoints)
+    secret: bytes = attrs.field(validator=_bytes_of(NONCE_SIZE))
+
+
+@attrs.frozen
+class PeerGone:
+    """The introduced client left, or may no longer be reached directly (policy changed)."""
+
+    peer_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
+
+
+@attrs.frozen
+class PeerAuth:
+    """First frame of a direct connection, from the peer that opened it (the QUIC client):
+    Ed25519 by ``client_id`` over ``peer_transcript(secret, client_id, responder, binding)``.
+    The responder's key was checked in the TLS handshake already."""
+
+    client_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
+    signature: bytes = attrs.field(validator=_bytes_of(SIGNATURE_SIZE))
+    max_datagram_payload: int = attrs.field(validator=_int_in(0, MAX_PACKET))
+
+
 @attrs.frozen
 class Packet:
     """One IP packet framed on stream 0 (a packet too large for a datagram)."""
@@ -280,8 +379,10 @@ class Pong:
     """Answer to a Ping (the byte 0x02)."""
 
 
-ControlMessage = ServerHello | AuthRequest | AuthResponse
-Frame = ServerHello | AuthRequest | AuthResponse | Packet | Ping | Pong
+ControlMessage = (
+    ServerHello | AuthRequest | AuthResponse | Candidates | PeerIntro | PeerGone | PeerAuth
+)
+Frame = ControlMessage | Packet | Ping | Pong
 
 _PING = Ping()
 _PONG = Pong()
@@ -290,6 +391,10 @@ _CONTROL_TYPES: dict[type, int] = {
     ServerHello: FRAME_SERVER_HELLO,
     AuthRequest: FRAME_AUTH_REQUEST,
     AuthResponse: FRAME_AUTH_RESPONSE,
+    Candidates: FRAME_CANDIDATES,
+    PeerIntro: FRAME_PEER_INTRO,
+    PeerGone: FRAME_PEER_GONE,
+    PeerAuth: FRAME_PEER_AUTH,
 }
 # Maximum payload length for each length-prefixed frame type; anything absent (and not a single
 # byte ping/pong) is an unknown type.
@@ -298,21 +403,33 @@ _MAX_LENGTH: dict[int, int] = {
     FRAME_SERVER_HELLO: MAX_CONTROL_PAYLOAD,
     FRAME_AUTH_REQUEST: MAX_CONTROL_PAYLOAD,
     FRAME_AUTH_RESPONSE: MAX_CONTROL_PAYLOAD,
+    FRAME_CANDIDATES: MAX_CONTROL_PAYLOAD,
+    FRAME_PEER_INTRO: MAX_CONTROL_PAYLOAD,
+    FRAME_PEER_GONE: MAX_CONTROL_PAYLOAD,
+    FRAME_PEER_AUTH: MAX_CONTROL_PAYLOAD,
 }
 
 
 # --- encoding ----------------------------------------------------------------------------------
 
 
+def _endpoints_to_json(endpoints: tuple[Endpoint, ...]) -> list[list[Any]]:
+    return [[str(address), port] for address, port in endpoints]
+
+
 def _message_to_json(msg: ControlMessage) -> dict[str, Any]:
+    obj: dict[str, Any]
     if isinstance(msg, ServerHello):
-        return {
+        obj = {
             "version": msg.version,
             "nonce": msg.nonce.hex(),
             "max_datagram_payload": msg.max_datagram_payload,
         }
+        if msg.peers:
+            obj["peers"] = True
+        return obj
     if isinstance(msg, AuthRequest):
-        obj: dict[str, Any] = {
+        obj = {
             "version": msg.version,
             "device_id": msg.device_id,
             "client_id": msg.client_id.hex(),
@@ -321,7 +438,26 @@ def _message_to_json(msg: ControlMessage) -> dict[str, Any]:
         }
         if msg.auth_token is not None:
             obj["auth_token"] = msg.auth_token
+        if msg.peers:
+            obj["peers"] = True
         return obj
+    if isinstance(msg, Candidates):
+        return {"endpoints": _endpoints_to_json(msg.endpoints)}
+    if isinstance(msg, PeerIntro):
+        return {
+            "peer_id": msg.peer_id.hex(),
+            "addresses": [str(a) for a in msg.addresses],
+            "endpoints": _endpoints_to_json(msg.endpoints),
+            "secret": msg.secret.hex(),
+        }
+    if isinstance(msg, PeerGone):
+        return {"peer_id": msg.peer_id.hex()}
+    if isinstance(msg, PeerAuth):
+        return {
+            "client_id": msg.client_id.hex(),
+            "signature": msg.signature.hex(),
+            "max_datagram_payload": msg.max_datagram_payload,
+        }
     obj = {"accepted": msg.accepted}
     for name in (
         "reject_reason",
@@ -412,6 +548,19 @@ def auth_transcript(
     )
 
 
+def peer_transcript(secret: bytes, initiator: bytes, responder: bytes, binding: bytes) -> bytes:
+    """The bytes the initiator of a direct connection signs: a label of their own (never valid
+    as a server's transcript), the introduction's secret, both keys and the connection's
+    channel binding. Raises ``ValueError`` for wrong sizes."""
+    if len(secret) != NONCE_SIZE:
+        raise ValueError(f"secret must be {NONCE_SIZE} bytes, not {len(secret)}")
+    if len(binding) != BINDING_SIZE:
+        raise ValueError(f"binding must be {BINDING_SIZE} bytes, not {len(binding)}")
+    if len(initiator) != PUBLIC_KEY_SIZE or len(responder) != PUBLIC_KEY_SIZE:
+        raise ValueError(f"public keys must be {PUBLIC_KEY_SIZE} bytes")
+    return _PEER_TRANSCRIPT_LABEL + secret + initiator + responder + binding
+
+
 # --- decoding (untrusted) ----------------------------------------------------------------------
 
 _HEX = re.compile(r"[0-9a-f]*")
@@ -477,6 +626,60 @@ def _decode_server_hello(obj: dict[str, Any]) -> ServerHello:
         version=_get(obj, "version", int, required=True),
         nonce=_get_hex(obj, "nonce", NONCE_SIZE),
         max_datagram_payload=_get(obj, "max_datagram_payload", int, required=True),
+        peers=_get(obj, "peers", bool, required=False) or False,
+    )
+
+
+def _parse_address(value: object, key: str) -> Address:
+    if not isinstance(value, str):
+        raise DecodeError(f"{key!r} holds a {type(value).__name__}, not an address")
+    try:
+        parsed = ip_address(value)
+    except ValueError:
+        raise DecodeError(f"{key!r} holds an invalid address: {value!r}") from None
+    return parsed
+
+
+def _get_endpoints(obj: dict[str, Any], key: str) -> tuple[Endpoint, ...]:
+    items = _get(obj, key, list, required=True)
+    if len(items) > MAX_ENDPOINTS:
+        raise DecodeError(f"{key!r} lists {len(items)} endpoints, at most {MAX_ENDPOINTS}")
+    endpoints = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            raise DecodeError(f"{key!r} holds something other than [address, port]")
+        port = item[1]
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise DecodeError(f"{key!r} holds an invalid port: {port!r}")
+        endpoints.append((_parse_address(item[0], key), port))
+    return tuple(endpoints)
+
+
+def _decode_candidates(obj: dict[str, Any]) -> Candidates:
+    return Candidates(endpoints=_get_endpoints(obj, "endpoints"))
+
+
+def _decode_peer_intro(obj: dict[str, Any]) -> PeerIntro:
+    addresses = _get(obj, "addresses", list, required=True)
+    if len(addresses) > 2:
+        raise DecodeError("'addresses' lists more than two addresses")
+    return PeerIntro(
+        peer_id=_get_hex(obj, "peer_id", PUBLIC_KEY_SIZE),
+        addresses=tuple(_parse_address(a, "addresses") for a in addresses),
+        endpoints=_get_endpoints(obj, "endpoints"),
+        secret=_get_hex(obj, "secret", NONCE_SIZE),
+    )
+
+
+def _decode_peer_gone(obj: dict[str, Any]) -> PeerGone:
+    return PeerGone(peer_id=_get_hex(obj, "peer_id", PUBLIC_KEY_SIZE))
+
+
+def _decode_peer_auth(obj: dict[str, Any]) -> PeerAuth:
+    return PeerAuth(
+        client_id=_get_hex(obj, "client_id", PUBLIC_KEY_SIZE),
+        signature=_get_hex(obj, "signature", SIGNATURE_SIZE),
+        max_datagram_payload=_get(obj, "max_datagram_payload", int, required=True),
     )
 
 
@@ -488,6 +691,7 @@ def _decode_auth_request(obj: dict[str, Any]) -> AuthRequest:
         auth_token=_get(obj, "auth_token", str, required=False),
         signature=_get_hex(obj, "signature", SIGNATURE_SIZE),
         max_datagram_payload=_get(obj, "max_datagram_payload", int, required=True),
+        peers=_get(obj, "peers", bool, required=False) or False,
     )
 
 
@@ -510,6 +714,10 @@ _DECODERS: dict[int, Callable[[dict[str, Any]], ControlMessage]] = {
     FRAME_SERVER_HELLO: _decode_server_hello,
     FRAME_AUTH_REQUEST: _decode_auth_request,
     FRAME_AUTH_RESPONSE: _decode_auth_response,
+    FRAME_CANDIDATES: _decode_candidates,
+    FRAME_PEER_INTRO: _decode_peer_intro,
+    FRAME_PEER_GONE: _decode_peer_gone,
+    FRAME_PEER_AUTH: _decode_peer_auth,
 }
 
 

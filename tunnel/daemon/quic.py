@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from tunnel.core.identity import Identity
-from tunnel.core.messages import ALPN
+from tunnel.core.messages import ALPN, PEER_ALPN
 
 # 1500-byte path minus IPv6 (40) and UDP (8) headers: fits IPv4 and IPv6 underlays. The
 # largest UDP payload path MTU discovery tries (tunnel.daemon.pathmtu).
@@ -112,6 +112,24 @@ def client_configuration(
         server_name=server_name,
         session_ticket=session_ticket,
     )
+
+
+def peer_configuration(identity: Identity, *, initiator: bool) -> QuicConfiguration:
+    """A direct connection between two clients: both present a certificate over their
+    identity key (the initiator's key is proven again by its PeerAuth, over the connection's
+    channel binding); each pins the key the server introduced."""
+    cert, key = certificate_for(identity)
+    config = QuicConfiguration(
+        is_client=initiator,
+        alpn_protocols=[PEER_ALPN],
+        verify_mode=ssl.CERT_NONE,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=INITIAL_DATAGRAM_SIZE,
+        idle_timeout=IDLE_TIMEOUT,
+    )
+    config.certificate = cert
+    config.private_key = key
+    return config
 
 
 class ResetTokens:

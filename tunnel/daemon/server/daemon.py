@@ -47,6 +47,7 @@ from tunnel.daemon.runtime import (
 from tunnel.daemon.server.auth import Gatekeeper
 from tunnel.daemon.server.dispatcher import Dispatcher
 from tunnel.daemon.server.forwarder import Forwarder
+from tunnel.daemon.server.introducer import Introducer
 from tunnel.daemon.server.session import ServerSession, SessionServices
 from tunnel.daemon.server.sessions import SessionTable
 from tunnel.daemon.session import Channel, Drops, transmit_touched
@@ -95,10 +96,12 @@ class Server:
         self.touched: set[Channel] = set()  # sessions with something to send
         self.table = SessionTable(self.authority, self.touched)
         nat64, nat64_source, nat64_prefix = _nat64(config, self.authority)
+        self.introducer = Introducer(enabled=config.client_to_client)
         self.forwarder = Forwarder(
             tun,
             self.table.routes,
             self.touched,
+            self.introducer,
             client_to_client=config.client_to_client,
             listen_port=config.listen_port,
             nat64=nat64,
@@ -129,6 +132,7 @@ class Server:
             table=self.table,
             forwarder=self.forwarder,
             gatekeeper=self.gatekeeper,
+            introducer=self.introducer,
             tickets=self.tickets,
             endpoint=endpoint,
             handshake_finished=self.dispatcher.handshake_finished,
@@ -162,7 +166,8 @@ class Server:
         transmit_touched(self.touched)
 
     def reload(self) -> None:
-        """SIGHUP: re-read tokens and allowed_clients; keep everything else and every session."""
+        """SIGHUP: re-read tokens, allowed_clients and client_to_client; keep everything else
+        and every session whose credentials still pass."""
         path = self.config_path
         if path is None:
             log.warning("SIGHUP: no config file to reload")
@@ -175,12 +180,24 @@ class Server:
         self.authority.reload(
             tokens=TokenSet(fresh.auth_tokens), allowed_clients=fresh.allowed_clients
         )
+        self._reload_client_to_client(fresh.client_to_client)
         revoked = self.revoke_failing()
         log.info(
             "SIGHUP: reloaded %d token(s) and allowed_clients; %d session(s) revoked",
             len(fresh.auth_tokens),
             revoked,
         )
+
+    def _reload_client_to_client(self, allowed: bool) -> None:
+        if allowed == self.forwarder.client_to_client:
+            return
+        self.forwarder.client_to_client = allowed
+        if allowed:
+            self.introducer.enable()
+        else:
+            self.introducer.disable()  # and every direct path between clients ends
+        self.flush()
+        log.info("SIGHUP: client_to_client is now %s", "on" if allowed else "off")
 
     def revoke_failing(self) -> int:
         """Close every live session whose credentials the current policy no longer admits."""
@@ -209,6 +226,7 @@ class Server:
             **self.dispatcher.status(),
             **self.gatekeeper.status(),
             **self.table.status(),
+            **self.introducer.status(),
             "udp_gso": self.endpoint.gso,  # segmentation offload still in use
             "drops": dict(self.drops),
             "nat64": self.forwarder.nat64_status(str(self.config.nat64.prefix)),

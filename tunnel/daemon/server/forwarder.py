@@ -18,6 +18,7 @@ import trio
 from tunnel.core.ippacket import clip_untrusted, ip_header_untrusted, udp_ports_untrusted
 from tunnel.core.nat64 import Nat64
 from tunnel.core.routing import RouteTable
+from tunnel.daemon.server.introducer import Introducer
 from tunnel.daemon.session import Channel, Drops, transmit_touched
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class Forwarder:
         tun: Any,
         routes: RouteTable[ServerSession],
         touched: set[Channel],
+        introducer: Introducer,
         *,
         client_to_client: bool,
         listen_port: int,
@@ -45,6 +47,7 @@ class Forwarder:
         self.tun = tun
         self.routes = routes
         self.touched = touched
+        self.introducer = introducer
         self.client_to_client = client_to_client
         self.listen_port = listen_port
         self.nat64 = nat64
@@ -75,6 +78,8 @@ class Forwarder:
                 self.drops["client_to_client"] += 1
                 return
             peer.send_packet(packet)
+            if not self.introducer.introduced(session, peer):
+                self.introducer.relayed(session, peer)  # they may reach each other directly
             return
         if version == 6 and dst[:12] == self.nat64_prefix:
             self._nat64_outbound(session, packet)

@@ -53,6 +53,7 @@ from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, TicketStore
 from tunnel.daemon.server.auth import Gatekeeper
 from tunnel.daemon.server.forwarder import Forwarder
+from tunnel.daemon.server.introducer import Introducer
 from tunnel.daemon.server.sessions import SessionTable
 from tunnel.daemon.session import Channel, Drops, SessionLog
 from tunnel.daemon.udp import UdpEndpoint, format_address
@@ -75,6 +76,7 @@ class SessionServices:
     table: SessionTable
     forwarder: Forwarder
     gatekeeper: Gatekeeper
+    introducer: Introducer
     tickets: TicketStore
     endpoint: UdpEndpoint
     handshake_finished: Callable[[ServerSession], None]
@@ -204,7 +206,10 @@ class ServerSession(Channel):
         self._hello_sent = True
         stream_id = self.quic.get_next_available_stream_id(is_unidirectional=True)
         hello = ServerHello(
-            version=PROTOCOL_VERSION, nonce=self.nonce, max_datagram_payload=MAX_DATAGRAM_PAYLOAD
+            version=PROTOCOL_VERSION,
+            nonce=self.nonce,
+            max_datagram_payload=MAX_DATAGRAM_PAYLOAD,
+            peers=self.services.introducer.enabled,
         )
         self.quic.send_stream_data(stream_id, encode_frame(hello))
 
@@ -216,6 +221,8 @@ class ServerSession(Channel):
             self._authenticate(received.auth)
         for packet in received.packets:
             self._forward(self, packet)
+        if received.candidates is not None:
+            self.services.introducer.candidates(self, received.candidates)
         if received.answer_ping:
             self.send_frame(Pong())
         if received.pings_ignored:
@@ -245,11 +252,15 @@ class ServerSession(Channel):
             self.close_after_delivery(CLOSE_REJECTED, response.reject_reason or "rejected")
             return
         self.token_digest = attempt.digest
-        self.control.established()
+        introducer = self.services.introducer
+        peers = request.peers and introducer.enabled
+        self.control.established(peers=peers)
         self.set_peer_datagram_limit(min(MAX_DATAGRAM_PAYLOAD, request.max_datagram_payload))
         self.lease = admission.lease
         assert self.lease is not None
         self.table.attach(self)
+        if peers:
+            introducer.joined(self)
         for ticket in self._tickets:
             self.services.tickets.add(ticket)
         self._tickets.clear()
@@ -348,6 +359,7 @@ class ServerSession(Channel):
                 # Cancelled (server shutting down): tell the client now, not at its timeout.
                 self.close(CLOSE_SHUTDOWN, "server shutting down")
                 self.driver.transmit()
+            self.services.introducer.left(self)
             self.table.detach(self)
 
     def _path_size_changed(self, size: int, evicted: list[bytes]) -> None:
