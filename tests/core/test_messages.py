@@ -23,10 +23,10 @@ from tunnel.core.messages import (
     Pong,
     ServerHello,
     auth_transcript,
-    peer_transcript,
     decode_control_payload_untrusted,
     encode_control_payload,
     encode_frame,
+    peer_transcript,
 )
 from tunnel.errors import DecodeError
 

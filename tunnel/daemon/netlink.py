@@ -63,6 +63,18 @@ class HostChanges:
             self._undo.append((what, undo))
         log.debug("%s", what)
 
+    def local_addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """Every address configured on this host's interfaces (in this namespace)."""
+        addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for message in self._ipr.get_addr():
+            text = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
+            if text:
+                try:
+                    addresses.append(ipaddress.ip_address(text))
+                except ValueError:
+                    continue
+        return addresses
+
     def link_index(self, ifname: str) -> int:
         found = self._ipr.link_lookup(ifname=ifname)
         if not found:

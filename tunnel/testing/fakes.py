@@ -176,6 +176,11 @@ class FakeHostChanges:
         self.moving: dict[str, Any] = {}
         self.underlay: tuple[str | None, int | None] = ("192.0.2.254", 2)  # gateway, oif
         self.closed = False
+        # This host's interface addresses, as a test sets them (candidates for direct paths).
+        self.addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+
+    def local_addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return list(self.addresses)
 
     def bring_up(self, ifname: str, mtu: int) -> int:
         self.applied.append(("up", ifname, mtu))

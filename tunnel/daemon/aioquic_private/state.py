@@ -108,6 +108,13 @@ def smoothed_rtt(quic: QuicConnection) -> float | None:
     return float(loss._rtt_smoothed)
 
 
+def largest_received(quic: QuicConnection) -> int:
+    """The highest 1-RTT packet number received and authenticated so far (-1: none): it moves
+    for every packet the peer's keys opened, ACK-only packets included, which no event shows."""
+    space = quic._spaces.get(tls.Epoch.ONE_RTT)
+    return -1 if space is None else int(space.largest_received_packet)
+
+
 def stream_buffered(quic: QuicConnection, stream_id: int) -> int:
     """Bytes written to a stream of ours and not yet acknowledged (0 for no such stream)."""
     stream = quic._streams.get(stream_id)

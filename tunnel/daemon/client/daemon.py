@@ -61,6 +61,7 @@ class Client:
                 tickets=self.tickets,
                 drops=self.drops,
                 platform=platform,
+                local_addresses=self.network.host.local_addresses,
             ),
             ready_fd=options.ready_fd,
         )
@@ -136,6 +137,7 @@ class Client:
             "sessions": [session.status(addresses=addresses, up_since=up_since)]
             if session is not None
             else [],
+            "peers": session.peers_status() if session is not None else [],
             "drops": dict(self.drops)
             | ({"tun_write": tun.write_drops} if tun else {})
             | ({"udp_send": session.endpoint.send_drops} if session else {}),

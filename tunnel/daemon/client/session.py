@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import trio
@@ -53,11 +55,12 @@ from tunnel.daemon.aioquic_private.state import (
     tune,
 )
 from tunnel.daemon.client.hostnet import ip_of
+from tunnel.daemon.client.peers import Peers
 from tunnel.daemon.driver import QuicDriver
 from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.platform import Platform
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, client_configuration
-from tunnel.daemon.session import Channel, Drops
+from tunnel.daemon.session import Channel, Drops, transmit_touched
 from tunnel.daemon.tun import TunDevice
 from tunnel.daemon.udp import UdpEndpoint, format_address
 from tunnel.errors import (
@@ -93,6 +96,8 @@ class SessionServices:
     tickets: TicketSlot
     drops: Drops  # counted across sessions, reported by the client
     platform: Platform  # for a fresh UDP socket when the path goes silent
+    # This host's addresses, for the candidates a direct path to another client may use.
+    local_addresses: Callable[[], list[IPv4Address | IPv6Address]] = list
 
 
 class ClientSession(Channel):
@@ -149,6 +154,7 @@ class ClientSession(Channel):
         self.may_authenticate = False
         self.resumed = False
         self._unverified_ticket: SessionTicket | None = None
+        self.peers: Peers | None = None  # direct paths, once the server introduces peers
 
     def _fail(self, error: TunnelError) -> None:
         if self.failure is None:
@@ -262,6 +268,11 @@ class ClientSession(Channel):
             self._auth_response(received.response)
         for packet in received.packets:
             self._packet_from_server(packet)
+        if self.peers is not None:
+            for intro in received.intros:
+                self.peers.introduced(intro)
+            for peer_id in received.gone:
+                self.peers.gone(peer_id)
         if received.pong_seen:
             self.heartbeat_policy.on_pong(trio.current_time())
         if received.answer_ping:
@@ -279,7 +290,8 @@ class ClientSession(Channel):
             connection_binding(self.quic),
         )
         self.set_peer_datagram_limit(min(MAX_DATAGRAM_PAYLOAD, hello.max_datagram_payload))
-        self.control.request_sent()
+        peers = hello.peers and services.config.peer_to_peer
+        self.control.request_sent(peers=peers)
         self.send_frame(
             AuthRequest(
                 version=PROTOCOL_VERSION,
@@ -288,6 +300,7 @@ class ClientSession(Channel):
                 auth_token=services.config.auth_token,
                 signature=identity.sign(transcript),
                 max_datagram_payload=MAX_DATAGRAM_PAYLOAD,
+                peers=peers,
             )
         )
 
@@ -321,13 +334,18 @@ class ClientSession(Channel):
                     raise
                 continue  # rebound: wait on the new socket
             now = clock.current_time()
+            peers = self.peers
             for data, addr in endpoint.receive_batch(UDP_BATCH):
+                if peers is not None and peers.receive(data, addr, now):
+                    continue  # a probe, or a direct connection's
                 if is_stateless_reset(self.quic, data):
                     raise SessionLost("the server no longer knows this session (it restarted)")
                 driver.receive(data, addr, now)
             tun = self.tun
             writes = tun.writes if tun is not None else 0
             driver.deliver_events()
+            if peers is not None:
+                peers.deliver_events()
             if tun is not None and tun.writes != writes:
                 # What the kernel answered inside our write (TCP ACKs) joins this send.
                 self._forward_from_tun(tun)
@@ -360,6 +378,9 @@ class ClientSession(Channel):
         old.close()
         self.rebinds += 1
         self.path_mtu.path_changed()  # another source address: perhaps another way there
+        if self.peers is not None:
+            self.peers.network_changed()  # direct paths ran from the old socket
+            self.send_frame(self.peers.candidates())
         self.quic.change_connection_id()
         self.quic.send_ping(self.rebinds)
         self.driver.transmit()
@@ -372,9 +393,8 @@ class ClientSession(Channel):
         self._flush()
 
     def _flush(self) -> None:
-        if self.touched:
-            self.touched.clear()
-            self.driver.transmit()
+        # The server's connection, and the direct connections to peers that share its socket.
+        transmit_touched(self.touched)
 
     async def tun_pump(self, tun: TunDevice) -> None:
         """Packets from the TUN device to the server, a batch per wake-up."""
@@ -389,12 +409,27 @@ class ClientSession(Channel):
         server_packed = self.server_packed
         server_port = self.server_port
         send = self.send_packet
+        peers = self.peers
         for packet in tun.read_batch(TUN_BATCH):
             if _is_to_tunnel_port(packet, server_packed, server_port):
                 # Our own QUIC traffic routed back into the tunnel would loop forever.
                 self.drops["tunnel_port"] += 1
                 continue
+            if peers is not None and peers.links and peers.send(packet):
+                continue  # to a peer, on its direct path
             send(packet)
+
+    async def run_peers(self) -> None:
+        """Direct paths to the peers the server introduces: our candidates first, then the
+        probes and connections for as long as the session lasts."""
+        peers = Peers(self)
+        self.peers = peers
+        self.send_frame(peers.candidates())
+        self._flush()
+        try:
+            await peers.run()
+        finally:
+            peers.close()
 
     async def heartbeat(self) -> None:
         """Ping every interval; after one missed answer try a new socket (roaming), and declare
@@ -451,6 +486,8 @@ class ClientSession(Channel):
 
     def close(self) -> None:
         """Close the connection (unless it ended already) and send what that queued."""
+        if self.peers is not None:
+            self.peers.close()
         if not self.ended.is_set():
             self.quic.close(error_code=CLOSE_OK, reason_phrase="client shutting down")
         self.driver.transmit()  # our close, or the one a failure already queued
@@ -471,6 +508,10 @@ class ClientSession(Channel):
             "resumed": self.resumed,
             "rebinds": self.rebinds,
         }
+
+    def peers_status(self) -> list[dict[str, Any]]:
+        """The introduced peers and the path to each, for ``tunnel status``."""
+        return self.peers.status() if self.peers is not None else []
 
 
 def _is_to_tunnel_port(packet: bytes, server_packed: bytes, server_port: int) -> bool:

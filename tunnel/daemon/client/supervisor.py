@@ -282,6 +282,8 @@ class Supervisor:
         nursery.start_soon(session.tun_pump, tun)
         nursery.start_soon(session.heartbeat)
         nursery.start_soon(session.path_mtu.run)
+        if session.control.peers:
+            nursery.start_soon(session.run_peers)
 
 
 def _is_permanent(exc: BaseException) -> bool:

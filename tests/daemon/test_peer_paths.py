@@ -1,0 +1,134 @@
+"""Direct paths between two clients, with the real daemons on the in-memory network: the server
+introduces them, they punch, traffic moves off the server, and back when the path breaks."""
+
+from __future__ import annotations
+
+import trio
+from test_inmemory_peers import (
+    SERVER_ADDR,
+    running_client,
+    running_server,
+    v4,
+    wait_for,
+)
+
+from tunnel.core.identity import encode_public_id
+from tunnel.core.ippacket import build_ipv4_udp
+from tunnel.testing.fakes import FakeNetwork
+
+A_HOST, B_HOST = "198.51.100.2", "198.51.100.3"
+
+
+def packet_a_to_b(payload: bytes) -> bytes:
+    return build_ipv4_udp(v4("10.78.0.2"), v4("10.78.0.3"), 1000, 2000, payload)
+
+
+def peer_path(client) -> str | None:
+    peers = client.status()["peers"]
+    return peers[0]["path"] if peers else None
+
+
+class Wire:
+    """Counts what the fake network carries, and cuts what the test says."""
+
+    def __init__(self, network: FakeNetwork) -> None:
+        self.to_server = 0  # datagrams of either client to the server
+        self.blocked: set[frozenset[str]] = set()
+        network.policy = self.policy
+
+    def policy(self, data: bytes, src, dst) -> bool:
+        if tuple(dst) == SERVER_ADDR:
+            self.to_server += 1
+        return frozenset((src[0], dst[0])) not in self.blocked
+
+
+async def test_two_clients_go_direct_and_traffic_leaves_the_server(autojump_clock):
+    network = FakeNetwork()
+    wire = Wire(network)
+    with trio.fail_after(60):
+        async with (
+            running_server(network, client_to_client=True) as server,
+            running_client(network, A_HOST) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"first, through the server"))
+            await b.tun.wait_written(1)
+            began = trio.current_time()
+            await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
+            assert trio.current_time() - began < 2.0  # the issue's bound, on a clean path
+            assert server.status()["introductions"] == 1
+            (peer,) = a.status()["peers"]
+            assert peer["id"] == encode_public_id(b.identity.public_key)
+            assert peer["addresses"] == ["10.78.0.3", "fd78::3"]
+            assert peer["endpoint"].startswith(f"{B_HOST}:")
+            assert peer["rtt_ms"] is not None
+
+            before = wire.to_server
+            for i in range(50):
+                a.tun.inject(packet_a_to_b(b"direct %d" % i))
+            await b.tun.wait_written(51)
+            assert [p[28:] for p in b.tun.written[1:]] == [b"direct %d" % i for i in range(50)]
+            # ACKs, heartbeats: a handful, never the 50 packets.
+            assert wire.to_server - before < 10
+
+
+async def test_a_broken_direct_path_falls_back_to_the_server_and_recovers(autojump_clock):
+    network = FakeNetwork()
+    wire = Wire(network)
+    with trio.fail_after(300):
+        async with (
+            running_server(network, client_to_client=True),
+            running_client(network, A_HOST) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"hello"))
+            await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
+            wire.blocked.add(frozenset((A_HOST, B_HOST)))
+            sent = 1
+            # Traffic keeps flowing while the path dies: lost packets are TCP's to resend,
+            # but once the client notices, everything arrives through the server.
+            while peer_path(a) != "relay":
+                a.tun.inject(packet_a_to_b(b"during"))
+                sent += 1
+                await trio.sleep(0.5)
+            arrived = len(b.tun.written)
+            a.tun.inject(packet_a_to_b(b"relayed"))
+            await b.tun.wait_written(arrived + 1)
+            assert b.tun.written[-1].endswith(b"relayed")
+
+            wire.blocked.clear()
+            await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct", 0.5)
+
+
+async def test_peer_to_peer_off_keeps_traffic_on_the_server(autojump_clock):
+    network = FakeNetwork()
+    with trio.fail_after(60):
+        async with (
+            running_server(network, client_to_client=True) as server,
+            running_client(network, A_HOST, peer_to_peer=False) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"hello"))
+            await b.tun.wait_written(1)
+            await trio.sleep(5)
+            assert a.status()["peers"] == [] and b.status()["peers"] == []
+            assert server.status()["introductions"] == 0
+
+
+async def test_client_to_client_turned_off_ends_direct_paths(autojump_clock):
+    network = FakeNetwork()
+    with trio.fail_after(60):
+        async with (
+            running_server(network, client_to_client=True) as server,
+            running_client(network, A_HOST) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"hello"))
+            await wait_for(lambda: peer_path(a) == "direct")
+            server._reload_client_to_client(False)
+            await wait_for(lambda: a.status()["peers"] == [] and b.status()["peers"] == [])
+            arrived = len(b.tun.written)
+            a.tun.inject(packet_a_to_b(b"refused"))
+            await trio.sleep(2)
+            assert len(b.tun.written) == arrived
+            assert server.drops["client_to_client"] == 1
