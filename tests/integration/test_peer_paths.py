@@ -1,0 +1,166 @@
+"""Direct paths between two clients through home routers, on real TUN devices.
+
+The world of :mod:`tests.support.p2pnet`: an internet router, the server on it, and two homes,
+each a router with a stateful nftables firewall (and IPv4 masquerade) and a client behind it.
+The server introduces the clients when the first packet between them passes through it; they
+punch, and traffic between them leaves the server: the test measures the bytes that cross the
+server's interface during a 20 MB transfer between the clients.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import trio
+
+from tests.support.netns import (
+    cli_status,
+    open_daemon_nursery,
+    run,
+    start_daemon,
+    tcp_transfer,
+)
+from tests.support.netns import tunnel_cli as tunnel
+from tests.support.p2pnet import SERVER4, SERVER6, Home, P2PNet, p2pnet
+
+TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)
+
+TEST_TIMEOUT = 150
+PORT = 4433
+NBYTES = 20_000_000
+A_TUN4, B_TUN4 = "10.78.0.2", "10.78.0.3"
+A_TUN6, B_TUN6 = "fd78::2", "fd78::3"
+
+
+async def start_all(nursery: trio.Nursery, net: P2PNet, files: TunnelFiles, family: int) -> None:
+    """The server, then client a, then client b (so they get .2 and .3), all ready."""
+    server_key, token = files.key("server"), files.token()
+    server_config = files.server_config(
+        key_file=server_key.path,
+        auth_tokens=[token],
+        listen=f"[::]:{PORT}",
+        client_to_client=True,
+    )
+    argv = tunnel("server", "--config", str(server_config), "--log-level", "debug")
+    await start_daemon(nursery, net.server.ns, argv, name="server")
+    server = f"{SERVER4}:{PORT}" if family == 4 else f"[{SERVER6}]:{PORT}"
+    for name, site in (("a", net.a), ("b", net.b)):
+        key = files.key(name)
+        config = files.client_config(
+            name, server=server, server_id=server_key.public_id, auth_token=token,
+            key_file=key.path,
+        )  # fmt: skip
+        argv = tunnel("client", "--config", str(config), "--log-level", "debug")
+        await start_daemon(nursery, site.client.ns, argv, name=f"client {name}")
+
+
+async def peer_path(files: TunnelFiles, name: str) -> dict[str, Any] | None:
+    peers = (await cli_status(files.socket(name)))["peers"]
+    return peers[0] if peers else None
+
+
+async def wait_path(files: TunnelFiles, path: str, within: float) -> float:
+    """Until both clients report ``path`` for each other; returns how long it took."""
+    began = time.monotonic()
+    with trio.move_on_after(within):
+        while True:
+            a, b = await peer_path(files, "a"), await peer_path(files, "b")
+            if a and b and a["path"] == path and b["path"] == path:
+                return time.monotonic() - began
+            await trio.sleep(0.05)
+    raise AssertionError(f"not {path} within {within} s: a sees {a}, b sees {b}")
+
+
+async def introduce(net: P2PNet, target: str) -> None:
+    """One ping from a to b through the server: the packet that introduces them."""
+    await run(net.a.client.ns, ["ping", "-c", "3", "-i", "0.2", "-W", "3", target], timeout=20)
+
+
+async def transfer(nursery: trio.Nursery, net: P2PNet, to: str, seed: str) -> dict[str, Any]:
+    address = f"{to}:5201" if ":" not in to else f"[{to}]:5201"
+    got, want = await tcp_transfer(
+        nursery,
+        receiver=net.b.client.ns,
+        sender=net.a.client.ns,
+        listen=address,
+        to=address,
+        nbytes=NBYTES,
+        seed=f"{seed}-{time.monotonic()}",
+        allowed=90,
+    )
+    assert got["bytes"] == want["bytes"] == NBYTES
+    assert got["sha256"] == want["sha256"]
+    return got
+
+
+def server_bytes(net: P2PNet) -> int:
+    stats = net.server_stats()
+    return stats.rx_bytes + stats.tx_bytes
+
+
+@pytest.mark.parametrize(
+    ("family", "target"),
+    [(4, B_TUN4), (6, B_TUN6)],
+    ids=["IPv4 NAT x NAT", "IPv6 firewall x firewall"],
+)
+async def test_two_clients_behind_home_routers_go_direct(
+    files: TunnelFiles, family: int, target: str
+) -> None:
+    with p2pnet(a=Home(), b=Home()) as net, trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            await start_all(nursery, net, files, family)
+            await introduce(net, target)
+            took = await wait_path(files, "direct", 10)
+            a = await peer_path(files, "a")
+            assert a is not None
+            public = net.b.client.public4 if family == 4 else net.b.client.public6
+            assert a["endpoint"].strip("[").startswith(public), a
+            dropped = net.a.router.drops().total + net.b.router.drops().total
+            before = server_bytes(net)
+            got = await transfer(nursery, net, target, "direct")
+            through_server = server_bytes(net) - before
+            print(f"\nIPv{family}: direct after {took:.2f} s (firewall drops while punching: "
+                  f"{dropped}); 20 MB in {got['seconds']:.2f} s, "
+                  f"{through_server} bytes through the server")  # fmt: skip
+            assert through_server < NBYTES // 10
+            assert (await peer_path(files, "a"))["path"] == "direct"  # type: ignore[index]
+
+
+async def test_hard_nat_stays_on_the_relay_and_the_transfer_arrives(files: TunnelFiles) -> None:
+    with p2pnet(a=Home(nat="hard"), b=Home(nat="hard")) as net, trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            await start_all(nursery, net, files, 4)
+            await introduce(net, B_TUN4)
+            before = server_bytes(net)
+            await transfer(nursery, net, B_TUN4, "hard")
+            assert server_bytes(net) - before > NBYTES  # every byte through the server
+            a, b = await peer_path(files, "a"), await peer_path(files, "b")
+            assert a is not None and b is not None
+            assert a["path"] == b["path"] == "relay"
+
+
+async def test_a_direct_path_blocked_mid_transfer_falls_back_and_returns(
+    files: TunnelFiles,
+) -> None:
+    with p2pnet(a=Home(), b=Home()) as net, trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            await start_all(nursery, net, files, 4)
+            await introduce(net, B_TUN4)
+            await wait_path(files, "direct", 10)
+
+            async def block_soon() -> None:
+                await trio.sleep(0.3)
+                net.block("a", "b")
+
+            nursery.start_soon(block_soon)
+            before = server_bytes(net)
+            await transfer(nursery, net, B_TUN4, "blocked")  # byte-identical, asserted inside
+            assert net.blocked() > 0
+            assert server_bytes(net) - before > NBYTES // 2  # most of it through the server
+            assert (await peer_path(files, "a"))["path"] == "relay"  # type: ignore[index]
+
+            net.unblock("a", "b")
+            # Back once the next round runs: the backoff is at most a few seconds here.
+            await wait_path(files, "direct", 40)
