@@ -23,7 +23,7 @@ from tests.support.netns import (
     tcp_transfer,
 )
 from tests.support.netns import tunnel_cli as tunnel
-from tests.support.p2pnet import SERVER4, SERVER6, Home, P2PNet, p2pnet
+from tests.support.p2pnet import SERVER4, SERVER6, Home, Open, P2PNet, p2pnet
 
 TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)
 
@@ -34,8 +34,11 @@ A_TUN4, B_TUN4 = "10.78.0.2", "10.78.0.3"
 A_TUN6, B_TUN6 = "fd78::2", "fd78::3"
 
 
-async def start_all(nursery: trio.Nursery, net: P2PNet, files: TunnelFiles, family: int) -> None:
-    """The server, then client a, then client b (so they get .2 and .3), all ready."""
+async def start_all(
+    nursery: trio.Nursery, net: P2PNet, files: TunnelFiles, family: int, second: Any = None
+) -> None:
+    """The server, then client a, then client b (so they get .2 and .3), all ready; ``second``:
+    b's host, if not side b's client (the second client behind a's router)."""
     server_key, token = files.key("server"), files.token()
     server_config = files.server_config(
         key_file=server_key.path,
@@ -46,14 +49,14 @@ async def start_all(nursery: trio.Nursery, net: P2PNet, files: TunnelFiles, fami
     argv = tunnel("server", "--config", str(server_config), "--log-level", "debug")
     await start_daemon(nursery, net.server.ns, argv, name="server")
     server = f"{SERVER4}:{PORT}" if family == 4 else f"[{SERVER6}]:{PORT}"
-    for name, site in (("a", net.a), ("b", net.b)):
+    for name, host in (("a", net.a.client), ("b", second or net.b.client)):
         key = files.key(name)
         config = files.client_config(
             name, server=server, server_id=server_key.public_id, auth_token=token,
             key_file=key.path,
         )  # fmt: skip
         argv = tunnel("client", "--config", str(config), "--log-level", "debug")
-        await start_daemon(nursery, site.client.ns, argv, name=f"client {name}")
+        await start_daemon(nursery, host.ns, argv, name=f"client {name}")
 
 
 async def peer_path(files: TunnelFiles, name: str) -> dict[str, Any] | None:
@@ -78,11 +81,13 @@ async def introduce(net: P2PNet, target: str) -> None:
     await run(net.a.client.ns, ["ping", "-c", "3", "-i", "0.2", "-W", "3", target], timeout=20)
 
 
-async def transfer(nursery: trio.Nursery, net: P2PNet, to: str, seed: str) -> dict[str, Any]:
+async def transfer(
+    nursery: trio.Nursery, net: P2PNet, to: str, seed: str, receiver: Any = None
+) -> dict[str, Any]:
     address = f"{to}:5201" if ":" not in to else f"[{to}]:5201"
     got, want = await tcp_transfer(
         nursery,
-        receiver=net.b.client.ns,
+        receiver=(receiver or net.b.client).ns,
         sender=net.a.client.ns,
         listen=address,
         to=address,
@@ -164,3 +169,40 @@ async def test_a_direct_path_blocked_mid_transfer_falls_back_and_returns(
             net.unblock("a", "b")
             # Back once the next round runs: the backoff is at most a few seconds here.
             await wait_path(files, "direct", 40)
+
+
+@pytest.mark.parametrize("layout", ["behind one NAT", "one open side"])
+async def test_direct_behind_one_nat_and_with_one_open_side(
+    files: TunnelFiles, layout: str
+) -> None:
+    sides = (Home(clients=2), Open()) if layout == "behind one NAT" else (Home(), Open())
+    with p2pnet(a=sides[0], b=sides[1]) as net, trio.fail_after(TEST_TIMEOUT):
+        # Behind one NAT, b is a's neighbour: masquerade does not hairpin, so only their LAN
+        # addresses (the candidates they report) connect them.
+        b_host = net.a.clients[1] if layout == "behind one NAT" else net.b.client
+        async with open_daemon_nursery() as nursery:
+            await start_all(nursery, net, files, 4, second=b_host)
+            await introduce(net, B_TUN4)
+            await wait_path(files, "direct", 10)
+            a = await peer_path(files, "a")
+            assert a is not None and a["endpoint"].startswith(f"{b_host.ip4}:"), a
+            before = server_bytes(net)
+            await transfer(nursery, net, B_TUN4, layout.replace(" ", "-"), receiver=b_host)
+            assert server_bytes(net) - before < NBYTES // 10
+
+
+async def test_an_idle_direct_path_outlives_the_conntrack_timeout(files: TunnelFiles) -> None:
+    with p2pnet(a=Home(), b=Home()) as net, trio.fail_after(TEST_TIMEOUT):
+        for site in (net.a, net.b):
+            # Linux's own default for unanswered UDP flows, set here so the test does not
+            # depend on what the host changed.
+            await site.router.run(["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=30"])
+        async with open_daemon_nursery() as nursery:
+            await start_all(nursery, net, files, 4)
+            await introduce(net, B_TUN4)
+            await wait_path(files, "direct", 10)
+            await trio.sleep(35)  # idle: only keepalives cross the routers
+            assert (await peer_path(files, "a"))["path"] == "direct"  # type: ignore[index]
+            before = server_bytes(net)
+            await transfer(nursery, net, B_TUN4, "idle")
+            assert server_bytes(net) - before < NBYTES // 10
