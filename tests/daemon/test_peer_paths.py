@@ -3,6 +3,8 @@ introduces them, they punch, traffic moves off the server, and back when the pat
 
 from __future__ import annotations
 
+import logging
+
 import trio
 from test_inmemory_peers import (
     SERVER_ADDR,
@@ -12,8 +14,10 @@ from test_inmemory_peers import (
     wait_for,
 )
 
-from tunnel.core.identity import encode_public_id
+from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import build_ipv4_udp
+from tunnel.daemon.client.peers import Peers
+from tunnel.daemon.quic import peer_configuration
 from tunnel.testing.fakes import FakeNetwork
 
 A_HOST, B_HOST = "198.51.100.2", "198.51.100.3"
@@ -132,3 +136,121 @@ async def test_client_to_client_turned_off_ends_direct_paths(autojump_clock):
             await trio.sleep(2)
             assert len(b.tun.written) == arrived
             assert server.drops["client_to_client"] == 1
+
+
+class Forger(Identity):
+    """A client whose proof on direct connections is signed by some other key (its probes
+    are its own: it knows the introduction's secret, as a stolen one would allow)."""
+
+    def sign(self, message: bytes) -> bytes:
+        if message.startswith(b"tunnel-peer-v1"):
+            return Identity.generate().sign(message)
+        return super().sign(message)
+
+
+def ordered_identities(forger_first: bool) -> tuple[Identity, Identity]:
+    """Identities for a and b; the first (smaller key) opens the direct connection."""
+    while True:
+        a, b = (Forger.generate() if forger_first else Identity.generate()), Identity.generate()
+        if a.public_key < b.public_key:
+            return a, b
+
+
+async def test_a_peer_presenting_another_key_on_the_direct_path_is_refused(
+    autojump_clock, monkeypatch
+):
+    """a opens the connection (smaller key); what answers at b's endpoint proves another key
+    in TLS: a refuses it and the traffic stays on the server."""
+    a_id, b_id = ordered_identities(forger_first=False)
+    original = Peers._configuration
+
+    def impostor(self, *, initiator):
+        if self.identity.public_key == b_id.public_key and not initiator:
+            return peer_configuration(Identity.generate(), initiator=False)
+        return original(self, initiator=initiator)
+
+    monkeypatch.setattr(Peers, "_configuration", impostor)
+    await stays_relayed(a_id, b_id, "presented")
+
+
+async def test_a_peer_that_cannot_prove_the_introduced_key_is_refused(autojump_clock):
+    """a opens the connection, but its PeerAuth is not signed by its key: b refuses it."""
+    a_id, b_id = ordered_identities(forger_first=True)
+    await stays_relayed(a_id, b_id, "failed to prove the introduced key")
+
+
+async def stays_relayed(a_id: Identity, b_id: Identity, refusal: str) -> None:
+    network = FakeNetwork()
+    with trio.fail_after(60):
+        async with (
+            running_server(network, client_to_client=True),
+            running_client(network, A_HOST, identity=a_id) as a,
+            running_client(network, B_HOST, identity=b_id) as b,
+        ):
+            handler = Remember()
+            logging.getLogger("tunnel.client").addHandler(handler)
+            try:
+                a.tun.inject(packet_a_to_b(b"hello"))
+                await b.tun.wait_written(1)
+                await wait_for(lambda: any(refusal in line for line in handler.lines))
+                await trio.sleep(10)  # retries back off; none of them may succeed
+                assert peer_path(a) == "relay" and peer_path(b) == "relay"
+                a.tun.inject(packet_a_to_b(b"through the server"))
+                await b.tun.wait_written(2)
+            finally:
+                logging.getLogger("tunnel.client").removeHandler(handler)
+
+
+class Remember(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_a_stranger_spraying_a_clients_socket_changes_nothing(autojump_clock):
+    """Datagrams from anywhere (forged probes, probe-shaped garbage, QUIC-shaped packets with
+    the direct connection's IDs, Initials) while a direct path runs: no new connection, no
+    failure, the path stays direct and carries traffic."""
+    import random
+
+    from tunnel.core.disco import MAGIC
+
+    rng = random.Random(1405)
+    network = FakeNetwork()
+    with trio.fail_after(120):
+        async with (
+            running_server(network, client_to_client=True),
+            running_client(network, A_HOST) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"hello"))
+            await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
+            peers = a.session.peers
+            (link,) = peers.links.values()
+            connection = link.connection
+            cids = list(peers.by_cid)
+            a_addr = a.session.endpoint.local_address
+            stranger = network.bind("203.0.113.66", 5000)
+            for i in range(3000):
+                kind = i % 4
+                if kind == 0:
+                    data = MAGIC + rng.randbytes(rng.randrange(0, 200))
+                elif kind == 1:
+                    data = bytes([0x40 | rng.randrange(64)]) + rng.choice(cids) + rng.randbytes(60)
+                elif kind == 2:
+                    data = bytes([0xC0]) + rng.randbytes(4) + bytes([8]) + rng.randbytes(1300)
+                else:
+                    data = rng.randbytes(rng.randrange(1, 1400))
+                stranger.send(data, a_addr)
+                if i % 100 == 0:
+                    await trio.sleep(0.01)
+            await trio.sleep(1)
+            assert link.connection is connection and not connection.ended
+            assert peer_path(a) == "direct"
+            arrived = len(b.tun.written)
+            a.tun.inject(packet_a_to_b(b"still direct"))
+            await b.tun.wait_written(arrived + 1)
+            assert a.session.peers is peers and a.state == "connected"
