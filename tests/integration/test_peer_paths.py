@@ -134,7 +134,7 @@ async def test_two_clients_behind_home_routers_go_direct(
 
 
 async def test_hard_nat_stays_on_the_relay_and_the_transfer_arrives(files: TunnelFiles) -> None:
-    with p2pnet(a=Home(nat="hard"), b=Home(nat="hard")) as net, trio.fail_after(TEST_TIMEOUT):
+    with p2pnet(a=Home(nat="hard"), b=Home()) as net, trio.fail_after(TEST_TIMEOUT):
         async with open_daemon_nursery() as nursery:
             await start_all(nursery, net, files, 4)
             await introduce(net, B_TUN4)
