@@ -54,6 +54,8 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from tunnel.core.messages import Address, Endpoint, exact_bytes
+
 __all__ = [
     "MAGIC",
     "MAX_CANDIDATES",
@@ -80,8 +82,6 @@ __all__ = [
     "usable_candidate",
 ]
 
-Address: TypeAlias = IPv4Address | IPv6Address
-Endpoint: TypeAlias = tuple[Address, int]  # an underlay address and UDP port
 Network: TypeAlias = IPv4Network | IPv6Network
 
 MAGIC = b"\x00tunnel\x01"
@@ -118,16 +118,6 @@ _MIN_PONG_SIZE = _HEAD + 1 + 4 + _PORT.size + TAG_SIZE  # 76, an IPv4 observed a
 # --- messages ----------------------------------------------------------------------------------
 
 
-def _bytes_of(size: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, bytes):
-            raise TypeError(f"{attribute.name} must be bytes, not {type(value).__name__}")
-        if len(value) != size:
-            raise ValueError(f"{attribute.name} must be {size} bytes, not {len(value)}")
-
-    return check
-
-
 def _check_padding(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"padding must be an int, not {type(value).__name__}")
@@ -155,8 +145,8 @@ class Ping:
     is the pinger's public key; ``padding`` zero bytes keep the ping at least as large as any
     answer to it."""
 
-    txid: bytes = attrs.field(validator=_bytes_of(TXID_SIZE))
-    sender: bytes = attrs.field(validator=_bytes_of(KEY_SIZE))
+    txid: bytes = attrs.field(validator=exact_bytes(TXID_SIZE))
+    sender: bytes = attrs.field(validator=exact_bytes(KEY_SIZE))
     padding: int = attrs.field(default=MIN_PING_PADDING, validator=_check_padding)
 
 
@@ -165,8 +155,8 @@ class Pong:
     """The answer to a :class:`Ping` (its ``txid``), from ``sender`` (the answering client's
     public key), telling the pinger the source address its ping came from."""
 
-    txid: bytes = attrs.field(validator=_bytes_of(TXID_SIZE))
-    sender: bytes = attrs.field(validator=_bytes_of(KEY_SIZE))
+    txid: bytes = attrs.field(validator=exact_bytes(TXID_SIZE))
+    sender: bytes = attrs.field(validator=exact_bytes(KEY_SIZE))
     observed: Endpoint = attrs.field(validator=_check_observed)
 
 

@@ -83,6 +83,7 @@ __all__ = [
     "decode_control_payload_untrusted",
     "encode_control_payload",
     "encode_frame",
+    "exact_bytes",
 ]
 
 PROTOCOL_VERSION = 2
@@ -157,7 +158,9 @@ def _int_in(lo: int, hi: int) -> _Validator[Any]:
     return check
 
 
-def _bytes_of(size: int) -> _Validator[Any]:
+def exact_bytes(size: int) -> _Validator[Any]:
+    """An attrs validator: ``bytes`` of exactly ``size`` (TypeError, ValueError otherwise)."""
+
     def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, bytes):
             raise TypeError(f"{attribute.name} must be bytes, not {type(value).__name__}")
@@ -219,7 +222,7 @@ class ServerHello:
     """
 
     version: int = attrs.field(validator=_int_in(0, _U32_MAX))
-    nonce: bytes = attrs.field(validator=_bytes_of(NONCE_SIZE))
+    nonce: bytes = attrs.field(validator=exact_bytes(NONCE_SIZE))
     max_datagram_payload: int = attrs.field(validator=_int_in(0, MAX_PACKET))
     peers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
@@ -234,9 +237,9 @@ class AuthRequest:
 
     version: int = attrs.field(validator=_int_in(0, _U32_MAX))
     device_id: int = attrs.field(validator=_int_in(0, _U64_MAX))
-    client_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
+    client_id: bytes = attrs.field(validator=exact_bytes(PUBLIC_KEY_SIZE))
     auth_token: str | None = attrs.field(validator=_optional_text)
-    signature: bytes = attrs.field(validator=_bytes_of(SIGNATURE_SIZE))
+    signature: bytes = attrs.field(validator=exact_bytes(SIGNATURE_SIZE))
     max_datagram_payload: int = attrs.field(validator=_int_in(0, MAX_PACKET))
     peers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     """The client takes peer introductions (its ``peer_to_peer`` is on): without it, the
@@ -331,17 +334,17 @@ class PeerIntro:
     tunnel addresses, the endpoints to try, and a secret only the two of them and the server
     know (it keys the probes and binds the direct connection's proof)."""
 
-    peer_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
+    peer_id: bytes = attrs.field(validator=exact_bytes(PUBLIC_KEY_SIZE))
     addresses: tuple[Address, ...] = attrs.field(validator=_check_tunnel_addresses)
     endpoints: tuple[Endpoint, ...] = attrs.field(validator=_check_endpoints)
-    secret: bytes = attrs.field(validator=_bytes_of(NONCE_SIZE))
+    secret: bytes = attrs.field(validator=exact_bytes(NONCE_SIZE))
 
 
 @attrs.frozen
 class PeerGone:
     """The introduced client left, or may no longer be reached directly (policy changed)."""
 
-    peer_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
+    peer_id: bytes = attrs.field(validator=exact_bytes(PUBLIC_KEY_SIZE))
 
 
 @attrs.frozen
@@ -350,8 +353,8 @@ class PeerAuth:
     Ed25519 by ``client_id`` over ``peer_transcript(secret, client_id, responder, binding)``.
     The responder's key was checked in the TLS handshake already."""
 
-    client_id: bytes = attrs.field(validator=_bytes_of(PUBLIC_KEY_SIZE))
-    signature: bytes = attrs.field(validator=_bytes_of(SIGNATURE_SIZE))
+    client_id: bytes = attrs.field(validator=exact_bytes(PUBLIC_KEY_SIZE))
+    signature: bytes = attrs.field(validator=exact_bytes(SIGNATURE_SIZE))
     max_datagram_payload: int = attrs.field(validator=_int_in(0, MAX_PACKET))
 
 
