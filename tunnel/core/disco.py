@@ -49,7 +49,7 @@ import hmac
 import itertools
 import struct
 from collections.abc import Callable, Collection, Iterable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, TypeAlias
 
 import attrs
@@ -79,6 +79,7 @@ __all__ = [
     "is_probe",
     "order_candidates",
     "parse_probe_untrusted",
+    "socket_endpoint",
     "usable_candidate",
 ]
 
@@ -315,6 +316,20 @@ def order_candidates(
         if len(chosen) >= limit:
             break
     return tuple(chosen)
+
+
+def socket_endpoint(addr: Any) -> Endpoint | None:
+    """A socket address (``(host, port)``, or IPv6's 4-tuple) as an endpoint: a scope dropped,
+    IPv4-mapped IPv6 (a dual-stack socket's view of an IPv4 peer) turned back into IPv4; None
+    for anything that is not an address and a port."""
+    try:
+        address = ip_address(str(addr[0]).split("%", 1)[0])
+        port = int(addr[1])
+    except (ValueError, TypeError, IndexError):
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address, port
 
 
 def format_endpoint(endpoint: Endpoint) -> str:

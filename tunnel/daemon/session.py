@@ -11,9 +11,11 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import QuicEvent
 
 from tunnel.core.control import CONTROL_STREAM
 from tunnel.core.icmp import packet_too_big_untrusted
@@ -81,6 +83,27 @@ class Channel:
         self.icmp_source4: bytes | None = None
         self.icmp_source6: bytes | None = None
         self._too_big_budget = TokenBucket(rate=TOO_BIG_RATE, burst=TOO_BIG_BURST)
+
+    def drive(
+        self,
+        send: Callable[[list[tuple[bytes, Any]]], None],
+        send_probe: Callable[[bytes, Any], bool],
+        on_event: Callable[[QuicEvent], None],
+        on_failed: Callable[[Exception], None],
+        *,
+        label: str,
+    ) -> None:
+        """Make the driver that runs this channel's connection (its fault boundary) and the
+        path MTU search that follows its path; every new path size is applied and sent at once."""
+        self.driver = QuicDriver(self.quic, send, on_event, on_failed)
+        self.path_mtu = PathMtu(
+            self.quic, send_probe, self._resized, self.driver.transmit, label=label
+        )
+        self.driver.on_path_change = self.path_mtu.path_changed
+
+    def _resized(self, size: int, evicted: list[bytes]) -> None:
+        self.path_size_changed(size, evicted)
+        self.driver.transmit()
 
     def set_peer_datagram_limit(self, limit: int) -> None:
         """The peer's hello said how large a datagram payload it takes."""

@@ -53,6 +53,7 @@ from tunnel.core.disco import (
     is_probe,
     order_candidates,
     parse_probe_untrusted,
+    socket_endpoint,
     usable_candidate,
 )
 from tunnel.core.disco import Ping as DiscoPing
@@ -81,8 +82,6 @@ from tunnel.daemon.aioquic_private.state import (
     smoothed_rtt,
     tune,
 )
-from tunnel.daemon.driver import QuicDriver
-from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, peer_configuration
 from tunnel.daemon.session import Channel, transmit_touched
 from tunnel.errors import ProtocolViolation
@@ -99,17 +98,6 @@ MAX_PEERS = 256
 PONG_RATE = 20.0
 # Pings awaiting their pong, per peer: a round's worth.
 MAX_PENDING_PINGS = 128
-
-
-def endpoint_of(addr: Any) -> Endpoint | None:
-    """A socket address as an (address, port) endpoint, IPv4-mapped IPv6 turned into IPv4."""
-    try:
-        address = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
-    except (ValueError, IndexError):
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address, int(addr[1])
 
 
 def socket_address(endpoint: Endpoint, family_v6: bool) -> tuple[Any, ...]:
@@ -159,15 +147,13 @@ class PeerConnection(Channel):
         self.endpoint = endpoint
         self.addr = socket_address(endpoint, peers.family_v6)
         self.control = PeerControl(initiator=link.initiator)
-        self.driver = QuicDriver(quic, peers.send_datagrams, self._handle_event, self._failed)
-        self.path_mtu = PathMtu(
-            quic,
+        self.drive(
+            peers.send_datagrams,
             peers.send_probe,
-            self._path_size_changed,
-            self.driver.transmit,
+            self._handle_event,
+            self._failed,
             label=format_endpoint(endpoint),
         )
-        self.driver.on_path_change = self.path_mtu.path_changed
         self.authenticated = False
         self.ready = trio.Event()  # authenticated
         self.ended = False
@@ -184,10 +170,6 @@ class PeerConnection(Channel):
     async def _path_mtu_once_authenticated(self) -> None:
         await self.ready.wait()
         await self.path_mtu.run()
-
-    def _path_size_changed(self, size: int, evicted: list[bytes]) -> None:
-        self.path_size_changed(size, evicted)
-        self.driver.transmit()
 
     def receive(self, data: bytes, addr: Any, now: float) -> None:
         before = largest_received(self.quic)
@@ -261,6 +243,8 @@ class PeerConnection(Channel):
             self._authenticated(now)
         if received.answer_ping:
             self.send_frame(Pong())
+        if received.pings_ignored:
+            self.drops["pings_ignored"] += received.pings_ignored
 
     def _check_peer_auth(self, auth: PeerAuth) -> None:
         try:
@@ -433,7 +417,7 @@ class Peers:
 
     def _probe(self, data: bytes, addr: Any, now: float) -> None:
         probe = parse_probe_untrusted(data, self._secret_for)
-        endpoint = endpoint_of(addr)
+        endpoint = socket_endpoint(addr)
         if probe is None or endpoint is None:
             self.drops["probe_invalid"] += 1
             return
@@ -458,7 +442,7 @@ class Peers:
 
     def _accept(self, data: bytes, addr: Any, now: float) -> PeerConnection | None:
         """An Initial from an endpoint of a peer we wait for: the responder's connection."""
-        endpoint = endpoint_of(addr)
+        endpoint = socket_endpoint(addr)
         if endpoint is None or len(data) < 1200:
             return None
         for link in self.links.values():

@@ -56,8 +56,6 @@ from tunnel.daemon.aioquic_private.state import (
 )
 from tunnel.daemon.client.hostnet import ip_of
 from tunnel.daemon.client.peers import Peers
-from tunnel.daemon.driver import QuicDriver
-from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.platform import Platform
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, client_configuration
 from tunnel.daemon.session import Channel, Drops, transmit_touched
@@ -123,15 +121,13 @@ class ClientSession(Channel):
         # Our own QUIC traffic, should a route send it back into the tunnel, is found by these.
         self.server_packed = ip_of(server_addr).packed
         self.server_port = services.config.server_port
-        self.driver = QuicDriver(quic, self._send_datagrams, self._handle_event, self._failed)
-        self.path_mtu = PathMtu(
-            quic,
+        self.drive(
+            self._send_datagrams,
             self._send_probe,
-            self._path_size_changed,
-            self.driver.transmit,
+            self._handle_event,
+            self._failed,
             label=format_address(server_addr),
         )
-        self.driver.on_path_change = self.path_mtu.path_changed
         self.control = ClientControl()
         self.rebinds = 0
         # The server's hello, held until its identity is verified: nothing secret (token,
@@ -357,10 +353,6 @@ class ClientSession(Channel):
 
     def _send_probe(self, probe: bytes, addr: Any) -> bool:
         return self.endpoint.send_probe(probe, addr)
-
-    def _path_size_changed(self, size: int, evicted: list[bytes]) -> None:
-        self.path_size_changed(size, evicted)
-        self._flush()
 
     async def rebind(self) -> None:
         """Move the connection to a fresh UDP socket (and a fresh connection ID).

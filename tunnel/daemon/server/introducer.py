@@ -15,13 +15,13 @@ sending to every address of the pool costs the server a few frames a second, not
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
+from tunnel.core.disco import socket_endpoint
 from tunnel.core.messages import (
     MAX_ENDPOINTS,
     Candidates,
@@ -53,18 +53,6 @@ class PeerState:
         self.secrets: dict[ServerSession, bytes] = {}  # the peers it was introduced to
         self.intro_budget = TokenBucket(rate=INTRO_RATE, burst=INTRO_BURST)
         self.update_budget = TokenBucket(rate=UPDATE_RATE, burst=UPDATE_BURST)
-
-
-def observed_endpoint(remote: Any) -> Endpoint | None:
-    """The client's address and port as this server's socket sees it, IPv4-mapped IPv6 (a
-    dual-stack socket's view of an IPv4 client) turned back into IPv4."""
-    try:
-        address = ipaddress.ip_address(remote[0].split("%", 1)[0])
-    except (ValueError, IndexError, AttributeError):
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address, int(remote[1])
 
 
 class Introducer:
@@ -156,7 +144,7 @@ class Introducer:
         if about.client_id is None or about.lease is None:
             return None
         endpoints: list[Endpoint] = []
-        observed = observed_endpoint(about.current_remote())
+        observed = socket_endpoint(about.current_remote())
         state = self._peers.get(about)
         for endpoint in ([observed] if observed else []) + list(state.candidates if state else ()):
             if endpoint not in endpoints:

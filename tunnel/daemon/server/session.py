@@ -48,8 +48,6 @@ from tunnel.core.messages import (
     encode_frame,
 )
 from tunnel.daemon.aioquic_private.state import connection_binding, smoothed_rtt, stream_buffered
-from tunnel.daemon.driver import QuicDriver
-from tunnel.daemon.pathmtu import PathMtu
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD, TicketStore
 from tunnel.daemon.server.auth import Gatekeeper
 from tunnel.daemon.server.forwarder import Forwarder
@@ -111,15 +109,13 @@ class ServerSession(Channel):
         # drops packets from any other (a secondary address, a floating IP).
         self.source = source
         send = functools.partial(services.endpoint.send_batch, source=source)
-        self.driver = QuicDriver(quic, send, self._handle_event, self._failed)
-        self.path_mtu = PathMtu(
-            quic,
+        self.drive(
+            send,
             functools.partial(services.endpoint.send_probe, source=source),
-            self._path_size_changed,
-            self.driver.transmit,
+            self._handle_event,
+            self._failed,
             label=format_address(remote),
         )
-        self.driver.on_path_change = self.path_mtu.path_changed
         self.control = ServerControl()
         # Packets from the internet too big for this client's datagrams: told so from us.
         self.deliver_local = services.forwarder.tun.write
@@ -361,10 +357,6 @@ class ServerSession(Channel):
                 self.driver.transmit()
             self.services.introducer.left(self)
             self.table.detach(self)
-
-    def _path_size_changed(self, size: int, evicted: list[bytes]) -> None:
-        self.path_size_changed(size, evicted)
-        self.driver.transmit()
 
     def current_remote(self) -> Any:
         """The client's address now: QUIC follows a migrating client to its new path."""
