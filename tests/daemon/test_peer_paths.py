@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import trio
 from test_inmemory_peers import (
     SERVER_ADDR,
@@ -16,6 +17,7 @@ from test_inmemory_peers import (
 
 from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import build_ipv4_udp
+from tunnel.core.messages import Ping, encode_frame
 from tunnel.daemon.client.peers import Peers
 from tunnel.daemon.quic import peer_configuration
 from tunnel.testing.fakes import FakeNetwork
@@ -254,3 +256,45 @@ async def test_a_stranger_spraying_a_clients_socket_changes_nothing(autojump_clo
             a.tun.inject(packet_a_to_b(b"still direct"))
             await b.tun.wait_written(arrived + 1)
             assert a.session.peers is peers and a.state == "connected"
+
+
+@pytest.mark.parametrize("misbehaviour", ["reset", "stop sending", "garbage", "ping flood"])
+async def test_a_misbehaving_peer_harms_only_its_direct_connection(autojump_clock, misbehaviour):
+    """The authenticated peer breaks the direct connection's rules: that connection closes (or,
+    for a flood of pings, answers within its budget) and the session to the server, with the
+    relay, carries on."""
+    network = FakeNetwork()
+    with trio.fail_after(120):
+        async with (
+            running_server(network, client_to_client=True),
+            running_client(network, A_HOST) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"hello"))
+            await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
+            a_session = a.session
+            (a_link,) = a_session.peers.links.values()
+            (b_link,) = b.session.peers.links.values()
+            hostile = b_link.connection
+            if misbehaviour == "reset":
+                hostile.quic.reset_stream(0, 0)
+            elif misbehaviour == "stop sending":
+                hostile.quic.stop_stream(0, 0)
+            elif misbehaviour == "garbage":
+                hostile.quic.send_stream_data(0, b"\x7f" + bytes(100))
+            else:
+                for _ in range(100):
+                    hostile.quic.send_stream_data(0, encode_frame(Ping()) * 100)
+                    hostile.driver.transmit()
+            hostile.driver.transmit()
+            if misbehaviour == "ping flood":
+                await trio.sleep(2)
+                assert a_link.connection is not None and not a_link.connection.ended
+                # One pong a batch at most, and past the budget none: counted, not queued.
+                assert a_link.connection.drops["pings_ignored"] > 0
+            else:
+                await wait_for(lambda: peer_path(a) == "relay")
+            assert a.session is a_session and a.state == "connected"
+            arrived = len(b.tun.written)
+            a.tun.inject(packet_a_to_b(b"still arrives"))
+            await b.tun.wait_written(arrived + 1)
