@@ -66,6 +66,10 @@ UNDERLAY_A = "10.99.0.1"
 UNDERLAY_B = "10.99.0.2"
 UNDERLAY_PREFIX = 24
 UNDERLAY_MTU = 1500
+# The client-to-client contenders' server sits in a third namespace S, on a link of its own
+# to each side; the clients' direct path is the A-B veth every other contender uses.
+SERVER_S_A, CLIENT_A_S = "10.98.1.1", "10.98.1.2"
+SERVER_S_B, CLIENT_B_S = "10.98.2.1", "10.98.2.2"
 TUNNEL_MTU = 1420
 IPERF_PORT = 5201
 STOP_GRACE_S = 3.0
@@ -160,6 +164,7 @@ class Bench:
         self.workdir = Path(".")
         self.ns_a: netns.Netns | None = None
         self.ns_b: netns.Netns | None = None
+        self.ns_s: netns.Netns | None = None
 
     def __enter__(self) -> Bench:
         try:
@@ -179,6 +184,13 @@ class Bench:
                 name_a="bench-a",
                 name_b="bench-b",
             )
+            self.ns_s = self._stack.enter_context(netns.netns("benchs"))
+            for ns, server, client, name in (
+                (self.ns_a, SERVER_S_A, CLIENT_A_S, "a"),
+                (self.ns_b, SERVER_S_B, CLIENT_B_S, "b"),
+            ):
+                netns.veth(self.ns_s, ns, f"{server}/24", f"{client}/24", mtu=UNDERLAY_MTU,
+                           name_a=f"bench-s{name}", name_b="bench-s")  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -208,6 +220,12 @@ class Bench:
     def b(self) -> netns.Netns:
         assert self.ns_b is not None
         return self.ns_b
+
+    @property
+    def s(self) -> netns.Netns:
+        """The third namespace: the server of the client-to-client contenders."""
+        assert self.ns_s is not None
+        return self.ns_s
 
     def spawn(
         self,
@@ -518,6 +536,112 @@ class TunnelContender(Contender):
         return out
 
 
+class ClientToClientContender(TunnelContender):
+    """Two of our clients, one in A and one in B, with the server in S: traffic between them
+    goes direct over the A-B veth once they punched (``tunnel-p2p``), or through the server
+    (``tunnel-relay``, ``peer_to_peer = false``). CPU counts the two clients only; the
+    relay's server work is in ``extra``."""
+
+    name = "tunnel-p2p"
+    description = "tunnel client to client, direct path (server in S), TUN MTU 1420"
+    network = "10.81.0"
+    peer_to_peer = True
+    path = "direct"
+    port = 4434
+    tag = "p"  # in TUN names: the two contenders run side by side in the same namespaces
+
+    def start(self, bench: Bench) -> Endpoints:
+        work = bench.workdir / self.name
+        work.mkdir()
+        keys = {}
+        for name in ("server", "a", "b"):
+            keys[name] = work / f"{name}.key"
+            out = self._tunnel(bench, "keygen", "--out", str(keys[name]))
+            if name == "server":
+                server_id = out.split()[-1]
+        token = self._tunnel(bench, "token").split()[-1]
+        pid = os.getpid()
+        (work / "server.toml").write_text(
+            f'listen = "0.0.0.0:{self.port}"\n'
+            f'key_file = "{keys["server"]}"\n'
+            f'network = "{self.network}.0/24"\n'
+            f'auth_tokens = ["{token}"]\n'
+            f"client_to_client = true\n"
+            f"mtu = {TUNNEL_MTU}\n"
+            f'tun_name = "tnb{pid}{self.tag}s"\n'
+            f'control_socket = "{work / "server.sock"}"\n'
+        )
+        self.server = self._start_ready(
+            bench, bench.s,
+            [sys.executable, "-m", "tunnel", "server", "--config", str(work / "server.toml")],
+            f"{self.name}-server",
+        )  # fmt: skip
+        clients = []
+        for name, ns, server in (("a", bench.a, SERVER_S_A), ("b", bench.b, SERVER_S_B)):
+            config = work / f"{name}.toml"
+            config.write_text(
+                f'server = "{server}:{self.port}"\n'
+                f'server_id = "{server_id}"\n'
+                f'auth_token = "{token}"\n'
+                f'key_file = "{keys[name]}"\n'
+                f"peer_to_peer = {'true' if self.peer_to_peer else 'false'}\n"
+                f"mtu = {TUNNEL_MTU}\n"
+                f'tun_name = "tnb{pid}{self.tag}{name}"\n'
+                f'control_socket = "{work / f"{name}.sock"}"\n'
+            )
+            argv = [sys.executable, "-m", "tunnel", "client", "--config", str(config)]
+            clients.append(self._start_ready(bench, ns, argv, f"{self.name}-{name}"))
+        # a got .2, b .3; the first packets introduce them, then wait for the path we measure.
+        addr_a, addr_b = f"{self.network}.2", f"{self.network}.3"
+        bench.run(bench.b, ["ping", "-c", "3", "-i", "0.2", "-W", "3", addr_a], check=False)
+        _wait_for(
+            lambda: self._paths(bench) == [self.path] * 2,
+            READY_TIMEOUT_S,
+            f"{self.name}: both clients on the {self.path} path",
+            [*clients, self.server],
+        )
+        return Endpoints(addr_a, addr_b, (clients[0].pid,), (clients[1].pid,))
+
+    def _status(self, bench: Bench, name: str) -> dict[str, Any]:
+        sock = bench.workdir / self.name / f"{name}.sock"
+        proc = bench.run(None, [sys.executable, "-m", "tunnel", "status", "--json", "--socket",
+                                str(sock)], check=False, timeout=10)  # fmt: skip
+        try:
+            status: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError:
+            return {}
+        return status
+
+    def _paths(self, bench: Bench) -> list[str | None]:
+        paths = []
+        for name in ("a", "b"):
+            # Not introduced (peer_to_peer off, or not yet): through the server.
+            peers = self._status(bench, name).get("peers") or [{"path": "relay"}]
+            paths.append(peers[0].get("path"))
+        return paths
+
+    def extra(self, bench: Bench) -> dict[str, Any]:
+        """The path each client saw at the end (a run that fell back shows it here) and the
+        server's CPU time."""
+        return {
+            "paths_at_end": self._paths(bench),
+            "peers_a": self._status(bench, "a").get("peers"),
+            "server_cpu_s": cpu_seconds(self.server.pid),
+        }
+
+
+class RelayedClientToClientContender(ClientToClientContender):
+    """The same two clients, every packet through the server."""
+
+    name = "tunnel-relay"
+    description = "tunnel client to client through the server in S (peer_to_peer = false)"
+    network = "10.82.0"
+    peer_to_peer = False
+    path = "relay"
+    port = 4435
+    tag = "r"
+
+
 class WireguardContender(Contender):
     """Userspace WireGuard: one ``wireguard-go -f`` per side, configured with ``wg set``."""
 
@@ -663,9 +787,17 @@ class VethContender(Contender):
 
 #: Every contender by name, in run order.
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (TunnelContender, WireguardContender, OpenvpnContender, VethContender)
+    c.name: c
+    for c in (
+        TunnelContender,
+        ClientToClientContender,
+        RelayedClientToClientContender,
+        WireguardContender,
+        OpenvpnContender,
+        VethContender,
+    )
 }
-DEFAULT_CONTENDERS = ("tunnel", "wireguard-go", "openvpn")
+DEFAULT_CONTENDERS = ("tunnel", "tunnel-p2p", "tunnel-relay", "wireguard-go", "openvpn")
 
 
 # ---------------------------------------------------------------------------------------------

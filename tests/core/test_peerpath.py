@@ -131,6 +131,8 @@ def test_a_pong_makes_the_initiator_connect_and_the_handshake_makes_it_direct():
         "state": "direct",
         "endpoint": "192.168.1.20:41000",
         "since_heard": pytest.approx(0.5),
+        "upgrades": 1,
+        "fallbacks": 0,
     }
 
 
@@ -351,6 +353,8 @@ def test_sent_with_nothing_heard_falls_back_after_the_timeout():
         "state": "relay",
         "endpoint": None,
         "since_heard": 7.0,
+        "upgrades": 1,
+        "fallbacks": 1,
     }
 
 
@@ -442,6 +446,8 @@ def test_status_before_anything_was_heard():
         "state": "relay",
         "endpoint": None,
         "since_heard": None,
+        "upgrades": 0,
+        "fallbacks": 0,
     }
     path.introduced([C], 0.0)
     assert path.status(0.0)["state"] == "probing"
@@ -591,6 +597,8 @@ class PathMachine(RuleBasedStateMachine):
         assert status["path"] == self.path.path.value
         assert (self.path.endpoint is None) == (self.path.state is not State.DIRECT)
         assert len(self.path.candidates) <= 8 + MAX_LEARNED
+        # Every move to a direct path is undone by exactly one fallback before the next.
+        assert self.path.upgrades - self.path.fallbacks == int(self.path.is_direct)
 
 
 TestPathMachine = PathMachine.TestCase

@@ -18,6 +18,7 @@ from test_inmemory_peers import (
 from tunnel.core.identity import Identity, encode_public_id
 from tunnel.core.ippacket import build_ipv4_udp
 from tunnel.core.messages import Ping, encode_frame
+from tunnel.daemon.aioquic_private.state import connection_binding
 from tunnel.daemon.client.peers import Peers
 from tunnel.daemon.quic import peer_configuration
 from tunnel.testing.fakes import FakeNetwork
@@ -76,6 +77,48 @@ async def test_two_clients_go_direct_and_traffic_leaves_the_server(autojump_cloc
             assert [p[28:] for p in b.tun.written[1:]] == [b"direct %d" % i for i in range(50)]
             # ACKs, heartbeats: a handful, never the 50 packets.
             assert wire.to_server - before < 10
+
+
+def packet_b_to_a(payload: bytes) -> bytes:
+    return build_ipv4_udp(v4("10.78.0.3"), v4("10.78.0.2"), 2000, 1000, payload)
+
+
+async def test_both_sides_starting_at_once_make_one_connection(autojump_clock, monkeypatch):
+    """Both clients send to each other in the same instant, so both are introduced and probe
+    at once: each side ever holds one direct connection, and it is the same one."""
+    started: list[tuple[bytes, bool]] = []  # (whose Peers, as initiator?)
+    original = Peers._start
+
+    def counting(self, link, quic, endpoint):
+        started.append((self.identity.public_key, quic.configuration.is_client))
+        return original(self, link, quic, endpoint)
+
+    monkeypatch.setattr(Peers, "_start", counting)
+    network = FakeNetwork()
+    with trio.fail_after(60):
+        async with (
+            running_server(network, client_to_client=True) as server,
+            running_client(network, A_HOST) as a,
+            running_client(network, B_HOST) as b,
+        ):
+            a.tun.inject(packet_a_to_b(b"from a"))
+            b.tun.inject(packet_b_to_a(b"from b"))
+            await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
+            await trio.sleep(10)  # long enough for a second attempt to show
+            assert server.status()["introductions"] == 1
+            assert sorted(started) == sorted(
+                [(a.identity.public_key, a.identity.public_key < b.identity.public_key),
+                 (b.identity.public_key, b.identity.public_key < a.identity.public_key)]
+            )  # fmt: skip
+            (link_a,) = a.session.peers.links.values()
+            (link_b,) = b.session.peers.links.values()
+            assert link_a.connection is not None and link_b.connection is not None
+            # One connection: both ends derive the same channel binding from its TLS session.
+            assert connection_binding(link_a.connection.quic) == connection_binding(
+                link_b.connection.quic
+            )
+            (peer,) = a.status()["peers"]
+            assert (peer["upgrades"], peer["fallbacks"]) == (1, 0)
 
 
 async def test_a_broken_direct_path_falls_back_to_the_server_and_recovers(autojump_clock):

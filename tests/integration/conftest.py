@@ -103,9 +103,9 @@ class TunnelFiles:
 
     dir: Path
 
-    def key(self, name: str) -> Key:
-        """A new identity in ``<dir>/<name>.key`` (mode 0600)."""
-        identity = Identity.generate()
+    def key(self, name: str, identity: Identity | None = None) -> Key:
+        """``identity`` (a new one if not given) in ``<dir>/<name>.key`` (mode 0600)."""
+        identity = identity or Identity.generate()
         path = self.dir / f"{name}.key"
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         with os.fdopen(fd, "w") as file:

@@ -9,13 +9,17 @@ server's interface during a 20 MB transfer between the clients.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from tests.support.netns import (
+    Daemon,
     cli_status,
     open_daemon_nursery,
     run,
@@ -23,7 +27,9 @@ from tests.support.netns import (
     tcp_transfer,
 )
 from tests.support.netns import tunnel_cli as tunnel
-from tests.support.p2pnet import SERVER4, SERVER6, Home, Open, P2PNet, p2pnet
+from tests.support.p2pnet import SERVER4, SERVER6, Home, Open, P2PNet, p2pnet, wait_until
+from tunnel.core.identity import Identity
+from tunnel.core.messages import CLOSE_IDENTITY
 
 TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)
 
@@ -35,10 +41,17 @@ A_TUN6, B_TUN6 = "fd78::2", "fd78::3"
 
 
 async def start_all(
-    nursery: trio.Nursery, net: P2PNet, files: TunnelFiles, family: int, second: Any = None
-) -> None:
+    nursery: trio.Nursery,
+    net: P2PNet,
+    files: TunnelFiles,
+    family: int,
+    second: Any = None,
+    identities: dict[str, Identity] | None = None,
+) -> dict[str, Daemon]:
     """The server, then client a, then client b (so they get .2 and .3), all ready; ``second``:
-    b's host, if not side b's client (the second client behind a's router)."""
+    b's host, if not side b's client (the second client behind a's router); ``identities``:
+    the clients' keys, if not new ones. Returns the daemons by name."""
+    identities = identities or {}
     server_key, token = files.key("server"), files.token()
     server_config = files.server_config(
         key_file=server_key.path,
@@ -47,16 +60,17 @@ async def start_all(
         client_to_client=True,
     )
     argv = tunnel("server", "--config", str(server_config), "--log-level", "debug")
-    await start_daemon(nursery, net.server.ns, argv, name="server")
+    daemons = {"server": await start_daemon(nursery, net.server.ns, argv, name="server")}
     server = f"{SERVER4}:{PORT}" if family == 4 else f"[{SERVER6}]:{PORT}"
     for name, host in (("a", net.a.client), ("b", second or net.b.client)):
-        key = files.key(name)
+        key = files.key(name, identities.get(name))
         config = files.client_config(
             name, server=server, server_id=server_key.public_id, auth_token=token,
             key_file=key.path,
         )  # fmt: skip
         argv = tunnel("client", "--config", str(config), "--log-level", "debug")
-        await start_daemon(nursery, host.ns, argv, name=f"client {name}")
+        daemons[name] = await start_daemon(nursery, host.ns, argv, name=f"client {name}")
+    return daemons
 
 
 async def peer_path(files: TunnelFiles, name: str) -> dict[str, Any] | None:
@@ -206,3 +220,88 @@ async def test_an_idle_direct_path_outlives_the_conntrack_timeout(files: TunnelF
             before = server_bytes(net)
             await transfer(nursery, net, B_TUN4, "idle")
             assert server_bytes(net) - before < NBYTES // 10
+
+
+async def test_a_path_that_fails_one_way_falls_back_and_does_not_flap(files: TunnelFiles) -> None:
+    """UDP from a to b dies, b to a still arrives: both fall back, and no round trip is ever
+    complete, so neither goes direct again until the path heals."""
+    with p2pnet(a=Home(), b=Home()) as net, trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            await start_all(nursery, net, files, 4)
+            await introduce(net, B_TUN4)
+            await wait_path(files, "direct", 10)
+            net.block("a", "b", both_ways=False)
+            # Traffic on the direct path goes unanswered: the fallback, within seconds.
+            await run(net.a.client.ns, ["ping", "-c", "40", "-i", "0.2", "-W", "1", B_TUN4],
+                      check=False, timeout=20)  # fmt: skip
+            await wait_path(files, "relay", 15)
+            # Watch several retry rounds (the backoff starts at 2 s) with traffic both ways.
+            began = time.monotonic()
+            while time.monotonic() - began < 20:
+                await run(net.a.client.ns, ["ping", "-c", "2", "-i", "0.2", "-W", "2", B_TUN4])
+                await run(net.b.client.ns, ["ping", "-c", "2", "-i", "0.2", "-W", "2", A_TUN4])
+                for name in ("a", "b"):
+                    peer = await peer_path(files, name)
+                    assert peer is not None and peer["path"] == "relay", (name, peer)
+                    assert (peer["upgrades"], peer["fallbacks"]) == (1, 1), (name, peer)
+            assert net.blocked() > 0
+            net.unblock("a", "b", both_ways=False)
+            await wait_path(files, "direct", 70)
+
+
+async def test_a_host_answering_at_a_peers_address_with_another_key_is_refused(
+    files: TunnelFiles,
+) -> None:
+    """a's home router sends everything for b's address to a squatter on a's LAN. It reflects
+    and forges probes and opens a direct connection in our protocol with a key of its own,
+    claiming to be b: a refuses it, and a and b stay on the relay."""
+    while True:  # b opens direct connections (the smaller key): a accepts them from b's address
+        a_id, b_id = Identity.generate(), Identity.generate()
+        if b_id.public_key < a_id.public_key:
+            break
+    with p2pnet(a=Home(clients=2), b=Open()) as net, trio.fail_after(TEST_TIMEOUT):
+        squatter, b_host = net.a.clients[1], net.b.client
+        await squatter.run(["ip", "addr", "add", f"{b_host.ip4}/32", "dev", "eth0"])
+        assert net.a.router is not None
+        await net.a.router.run(["ip", "route", "add", f"{b_host.ip4}/32", "via", squatter.ip4])
+        async with open_daemon_nursery() as nursery:
+            daemons = await start_all(nursery, net, files, 4, identities={"a": a_id, "b": b_id})
+            port = await udp_port(b_host)
+            report: dict[str, Any] = {}
+
+            async def squat() -> None:
+                argv = [sys.executable, str(SQUATTER), "--bind", f"{b_host.ip4}:{port}",
+                        "--claim", b_id.public_id, "--seconds", "30"]  # fmt: skip
+                proc = await squatter.run(argv, timeout=45)
+                report.update(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
+
+            nursery.start_soon(squat)
+            await wait_until_bound(squatter, port)
+            await introduce(net, B_TUN4)
+            refused = "failed to prove the introduced key: refused"
+            await wait_until(lambda: any(refused in line for line in daemons["a"].stderr_lines))
+            await wait_until(lambda: bool(report))
+            assert report["probes"] > 0 and report["handshake_completed"], report
+            assert report["error_code"] == CLOSE_IDENTITY, report
+            for name in ("a", "b"):
+                peer = await peer_path(files, name)
+                assert peer is not None and peer["path"] == "relay" and peer["upgrades"] == 0
+            await introduce(net, B_TUN4)  # still carried, through the server
+
+
+SQUATTER = Path(__file__).with_name("squatter_peer.py")
+
+
+async def udp_port(host: Any) -> int:
+    """The port of the only UDP socket in ``host``: its client's."""
+    proc = await host.run(["ss", "-Hnua"])
+    (line,) = proc.stdout.decode().splitlines()
+    return int(line.split()[3].rpartition(":")[2])
+
+
+async def wait_until_bound(host: Any, port: int) -> None:
+    while True:
+        proc = await host.run(["ss", "-Hnua", f"sport = :{port}"])
+        if proc.stdout.strip():
+            return
+        await trio.sleep(0.05)

@@ -181,6 +181,9 @@ class PeerPath:
         self._last_heard: float | None = None
         self._last_sent = -math.inf
         self._awaiting_since: float | None = None  # the first send nothing was heard after
+        # How often the path moved to a direct one and back: a flapping path shows here.
+        self.upgrades = 0
+        self.fallbacks = 0
 
     # --- events --------------------------------------------------------------------------------
 
@@ -375,14 +378,17 @@ class PeerPath:
 
     def status(self, now: float) -> dict[str, object]:
         """For the status socket and logs: the ``path`` ("direct" or "relay"), the ``state``,
-        the ``endpoint`` while direct (``"ip:port"``, else None), and ``since_heard``: seconds
-        since the direct connection was last heard (None if never)."""
+        the ``endpoint`` while direct (``"ip:port"``, else None), ``since_heard``: seconds
+        since the direct connection was last heard (None if never), and how many times the
+        path went direct (``upgrades``) and fell back (``fallbacks``)."""
         endpoint = self.endpoint
         return {
             "path": self.path.value,
             "state": self.state.value,
             "endpoint": None if endpoint is None else format_endpoint(endpoint),
             "since_heard": None if self._last_heard is None else now - self._last_heard,
+            "upgrades": self.upgrades,
+            "fallbacks": self.fallbacks,
         }
 
     # --- internals -----------------------------------------------------------------------------
@@ -441,6 +447,7 @@ class PeerPath:
 
     def _go_direct(self, address: Endpoint, now: float) -> None:
         self.state = State.DIRECT
+        self.upgrades += 1
         self._connection = address
         self._connecting = None
         self._connect_pending = None
@@ -450,6 +457,7 @@ class PeerPath:
         self._awaiting_since = None
 
     def _fall_back(self, now: float) -> None:
+        self.fallbacks += 1
         if now >= self._direct_since + STABLE_S:
             self._backoff.reset()
         self._to_relay(now)

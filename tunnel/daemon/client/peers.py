@@ -631,6 +631,8 @@ class Peers:
                     "endpoint": policy["endpoint"],
                     "rtt_ms": connection.status()["rtt_ms"] if connection else None,
                     "last_heard": round(float(since), 3) if isinstance(since, float) else None,
+                    "upgrades": policy["upgrades"],
+                    "fallbacks": policy["fallbacks"],
                 }
             )
         return out
