@@ -3,7 +3,10 @@ introduces them, they punch, traffic moves off the server, and back when the pat
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -24,6 +27,20 @@ from tunnel.daemon.quic import peer_configuration
 from tunnel.testing.fakes import FakeNetwork
 
 A_HOST, B_HOST = "198.51.100.2", "198.51.100.3"
+
+
+@contextlib.asynccontextmanager
+async def two_clients(
+    network: FakeNetwork, *, a: dict[str, Any] | None = None, b: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """A server with client_to_client on, then client a, then client b (keyword arguments of
+    :func:`running_client` for each in ``a`` and ``b``)."""
+    async with (
+        running_server(network, client_to_client=True) as server,
+        running_client(network, A_HOST, **(a or {})) as client_a,
+        running_client(network, B_HOST, **(b or {})) as client_b,
+    ):
+        yield server, client_a, client_b
 
 
 def packet_a_to_b(payload: bytes) -> bytes:
@@ -53,11 +70,7 @@ async def test_two_clients_go_direct_and_traffic_leaves_the_server(autojump_cloc
     network = FakeNetwork()
     wire = Wire(network)
     with trio.fail_after(60):
-        async with (
-            running_server(network, client_to_client=True) as server,
-            running_client(network, A_HOST) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network) as (server, a, b):
             a.tun.inject(packet_a_to_b(b"first, through the server"))
             await b.tun.wait_written(1)
             began = trio.current_time()
@@ -96,11 +109,7 @@ async def test_both_sides_starting_at_once_make_one_connection(autojump_clock, m
     monkeypatch.setattr(Peers, "_start", counting)
     network = FakeNetwork()
     with trio.fail_after(60):
-        async with (
-            running_server(network, client_to_client=True) as server,
-            running_client(network, A_HOST) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network) as (server, a, b):
             a.tun.inject(packet_a_to_b(b"from a"))
             b.tun.inject(packet_b_to_a(b"from b"))
             await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
@@ -125,11 +134,7 @@ async def test_a_broken_direct_path_falls_back_to_the_server_and_recovers(autoju
     network = FakeNetwork()
     wire = Wire(network)
     with trio.fail_after(300):
-        async with (
-            running_server(network, client_to_client=True),
-            running_client(network, A_HOST) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network) as (_, a, b):
             a.tun.inject(packet_a_to_b(b"hello"))
             await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
             wire.blocked.add(frozenset((A_HOST, B_HOST)))
@@ -152,11 +157,7 @@ async def test_a_broken_direct_path_falls_back_to_the_server_and_recovers(autoju
 async def test_peer_to_peer_off_keeps_traffic_on_the_server(autojump_clock):
     network = FakeNetwork()
     with trio.fail_after(60):
-        async with (
-            running_server(network, client_to_client=True) as server,
-            running_client(network, A_HOST, peer_to_peer=False) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network, a={"peer_to_peer": False}) as (server, a, b):
             a.tun.inject(packet_a_to_b(b"hello"))
             await b.tun.wait_written(1)
             await trio.sleep(5)
@@ -167,11 +168,7 @@ async def test_peer_to_peer_off_keeps_traffic_on_the_server(autojump_clock):
 async def test_client_to_client_turned_off_ends_direct_paths(autojump_clock):
     network = FakeNetwork()
     with trio.fail_after(60):
-        async with (
-            running_server(network, client_to_client=True) as server,
-            running_client(network, A_HOST) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network) as (server, a, b):
             a.tun.inject(packet_a_to_b(b"hello"))
             await wait_for(lambda: peer_path(a) == "direct")
             server._reload_client_to_client(False)
@@ -227,11 +224,7 @@ async def test_a_peer_that_cannot_prove_the_introduced_key_is_refused(autojump_c
 async def stays_relayed(a_id: Identity, b_id: Identity, refusal: str) -> None:
     network = FakeNetwork()
     with trio.fail_after(60):
-        async with (
-            running_server(network, client_to_client=True),
-            running_client(network, A_HOST, identity=a_id) as a,
-            running_client(network, B_HOST, identity=b_id) as b,
-        ):
+        async with two_clients(network, a={"identity": a_id}, b={"identity": b_id}) as (_, a, b):
             handler = Remember()
             logging.getLogger("tunnel.client").addHandler(handler)
             try:
@@ -266,11 +259,7 @@ async def test_a_stranger_spraying_a_clients_socket_changes_nothing(autojump_clo
     rng = random.Random(1405)
     network = FakeNetwork()
     with trio.fail_after(120):
-        async with (
-            running_server(network, client_to_client=True),
-            running_client(network, A_HOST) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network) as (_, a, b):
             a.tun.inject(packet_a_to_b(b"hello"))
             await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
             peers = a.session.peers
@@ -308,11 +297,7 @@ async def test_a_misbehaving_peer_harms_only_its_direct_connection(autojump_cloc
     relay, carries on."""
     network = FakeNetwork()
     with trio.fail_after(120):
-        async with (
-            running_server(network, client_to_client=True),
-            running_client(network, A_HOST) as a,
-            running_client(network, B_HOST) as b,
-        ):
+        async with two_clients(network) as (_, a, b):
             a.tun.inject(packet_a_to_b(b"hello"))
             await wait_for(lambda: peer_path(a) == "direct" and peer_path(b) == "direct")
             a_session = a.session
