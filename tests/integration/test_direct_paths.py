@@ -281,6 +281,7 @@ async def test_a_host_answering_at_a_peers_address_with_another_key_is_refused(
             refused = "failed to prove the introduced key: refused"
             await wait_until(lambda: any(refused in line for line in daemons["a"].stderr_lines))
             await wait_until(lambda: bool(report))
+            print(f"\nsquatter: {report}")
             assert report["probes"] > 0 and report["handshake_completed"], report
             assert report["error_code"] == CLOSE_IDENTITY, report
             for name in ("a", "b"):
