@@ -9,7 +9,8 @@ and opens a direct connection to whoever probed it, in our own protocol (ALPN
 ``tunnel-peer/1``) but with a key of its own, claiming in its ``PeerAuth`` to be ``--claim``.
 It never knows the introduction's secret, so everything it proves is wrong; the client must
 refuse all of it. It prints one JSON line when it is closed or its time is up: what it
-received, whether its handshake completed, and the close code and reason the client sent.
+received (``datagrams`` counts its own connection's too), whether its handshake completed,
+and the close code and reason if the client closed it.
 Aim it only at addresses of namespaces you created.
 """
 

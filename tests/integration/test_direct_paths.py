@@ -29,7 +29,6 @@ from tests.support.netns import (
 from tests.support.netns import tunnel_cli as tunnel
 from tests.support.p2pnet import SERVER4, SERVER6, Home, Open, P2PNet, p2pnet, wait_until
 from tunnel.core.identity import Identity
-from tunnel.core.messages import CLOSE_IDENTITY
 
 TunnelFiles = Any  # conftest's fixture types (tests/ is not a package)
 
@@ -254,7 +253,8 @@ async def test_a_host_answering_at_a_peers_address_with_another_key_is_refused(
 ) -> None:
     """a's home router sends everything for b's address to a squatter on a's LAN. It reflects
     and forges probes and opens a direct connection in our protocol with a key of its own,
-    claiming to be b: a refuses it, and a and b stay on the relay."""
+    claiming to be b: a never takes that connection (no authenticated ping of b came from
+    there), and a and b stay on the relay."""
     while True:  # b opens direct connections (the smaller key): a accepts them from b's address
         a_id, b_id = Identity.generate(), Identity.generate()
         if b_id.public_key < a_id.public_key:
@@ -265,25 +265,23 @@ async def test_a_host_answering_at_a_peers_address_with_another_key_is_refused(
         assert net.a.router is not None
         await net.a.router.run(["ip", "route", "add", f"{b_host.ip4}/32", "via", squatter.ip4])
         async with open_daemon_nursery() as nursery:
-            daemons = await start_all(nursery, net, files, 4, identities={"a": a_id, "b": b_id})
+            await start_all(nursery, net, files, 4, identities={"a": a_id, "b": b_id})
             port = await udp_port(b_host)
             report: dict[str, Any] = {}
 
             async def squat() -> None:
                 argv = [sys.executable, str(SQUATTER), "--bind", f"{b_host.ip4}:{port}",
-                        "--claim", b_id.public_id, "--seconds", "30"]  # fmt: skip
-                proc = await squatter.run(argv, timeout=45)
+                        "--claim", b_id.public_id, "--seconds", "12"]  # fmt: skip
+                proc = await squatter.run(argv, timeout=30)
                 report.update(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
 
             nursery.start_soon(squat)
             await wait_until_bound(squatter, port)
             await introduce(net, B_TUN4)
-            refused = "failed to prove the introduced key: refused"
-            await wait_until(lambda: any(refused in line for line in daemons["a"].stderr_lines))
-            await wait_until(lambda: bool(report))
+            await wait_until(lambda: bool(report))  # its 12 s are up: two rounds of a's probes
             print(f"\nsquatter: {report}")
-            assert report["probes"] > 0 and report["handshake_completed"], report
-            assert report["error_code"] == CLOSE_IDENTITY, report
+            assert report["probes"] > 0 and report["error_code"] is None, report
+            assert not report["handshake_completed"], report
             for name in ("a", "b"):
                 peer = await peer_path(files, name)
                 assert peer is not None and peer["path"] == "relay" and peer["upgrades"] == 0

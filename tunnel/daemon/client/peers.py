@@ -98,6 +98,8 @@ MAX_PEERS = 256
 PONG_RATE = 20.0
 # Pings awaiting their pong, per peer: a round's worth.
 MAX_PENDING_PINGS = 128
+MAX_PINGED_FROM = 16  # endpoints remembered per peer (a replayed ping can come from anywhere)
+PINGED_FROM_S = 10.0  # how recent that ping must be: a round pings for about 4 s
 
 
 def socket_address(endpoint: Endpoint, family_v6: bool) -> tuple[Any, ...]:
@@ -120,6 +122,11 @@ class PeerLink:
         self.connection: PeerConnection | None = None
         self.sent_pings: dict[bytes, Endpoint] = {}  # transaction ID -> where it went
         self.pong_budget = TokenBucket(rate=PONG_RATE, burst=PONG_RATE)
+        # Endpoints an authenticated ping of this peer came from, and when: the responder
+        # takes a connection only from one of them (the initiator connects after its ping got
+        # through, from the same socket), so whoever else sits at a candidate address cannot
+        # take the connection's place.
+        self.pinged_from: dict[Endpoint, float] = {}
         self.label = encode_public_id(intro.peer_id)[:12]
 
     @property
@@ -428,6 +435,10 @@ class Peers:
             if link.pong_budget.take(now):
                 pong = DiscoPong(probe.txid, self.identity.public_key, endpoint)
                 self.session.endpoint.send(encode_pong(pong, link.secret), addr)
+            link.pinged_from.pop(endpoint, None)
+            link.pinged_from[endpoint] = now
+            while len(link.pinged_from) > MAX_PINGED_FROM:
+                del link.pinged_from[next(iter(link.pinged_from))]
             link.policy.ping_received(endpoint, now)
         else:
             sent_to = link.sent_pings.pop(probe.txid, None)
@@ -451,6 +462,7 @@ class Peers:
                 and link.connection is None
                 and endpoint in link.policy.candidates
                 and link.policy.state is not PathState.RELAY
+                and now - link.pinged_from.get(endpoint, -math.inf) < PINGED_FROM_S
             ):
                 original = bytes(data[6 : 6 + data[5]])
                 quic = tune(
