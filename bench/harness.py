@@ -395,6 +395,14 @@ class Endpoints:
     pids_b: tuple[int, ...]
 
 
+def _toml(**values: Any) -> str:
+    """A flat TOML document: strings, paths, booleans, integers and lists of strings (JSON's
+    spelling of each is TOML's)."""
+    return "".join(
+        f"{key} = {json.dumps(str(v) if isinstance(v, Path) else v)}\n" for key, v in values.items()
+    )
+
+
 class Contender:
     """One way of carrying IP between the namespaces. Subclasses set ``name``, ``needs``
     (executables) and implement :meth:`start`; :meth:`stop` undoes it."""
@@ -472,22 +480,26 @@ class TunnelContender(Contender):
         token = self._tunnel(bench, "token").split()[-1]
         pid = os.getpid()
         (work / "server.toml").write_text(
-            f'listen = "{UNDERLAY_A}:4433"\n'
-            f'key_file = "{server_key}"\n'
-            f'network = "{self.network}.0/24"\n'
-            f'auth_tokens = ["{token}"]\n'
-            f"mtu = {TUNNEL_MTU}\n"
-            f'tun_name = "tnb{pid}s"\n'
-            f'control_socket = "{work / "server.sock"}"\n'
+            _toml(
+                listen=f"{UNDERLAY_A}:4433",
+                key_file=server_key,
+                network=f"{self.network}.0/24",
+                auth_tokens=[token],
+                mtu=TUNNEL_MTU,
+                tun_name=f"tnb{pid}s",
+                control_socket=work / "server.sock",
+            )
         )
         (work / "client.toml").write_text(
-            f'server = "{UNDERLAY_A}:4433"\n'
-            f'server_id = "{server_id}"\n'
-            f'auth_token = "{token}"\n'
-            f'key_file = "{client_key}"\n'
-            f"mtu = {TUNNEL_MTU}\n"
-            f'tun_name = "tnb{pid}c"\n'
-            f'control_socket = "{work / "client.sock"}"\n'
+            _toml(
+                server=f"{UNDERLAY_A}:4433",
+                server_id=server_id,
+                auth_token=token,
+                key_file=client_key,
+                mtu=TUNNEL_MTU,
+                tun_name=f"tnb{pid}c",
+                control_socket=work / "client.sock",
+            )
         )
         server = self._start_ready(
             bench,
@@ -562,14 +574,16 @@ class ClientToClientContender(TunnelContender):
         token = self._tunnel(bench, "token").split()[-1]
         pid = os.getpid()
         (work / "server.toml").write_text(
-            f'listen = "0.0.0.0:{self.port}"\n'
-            f'key_file = "{keys["server"]}"\n'
-            f'network = "{self.network}.0/24"\n'
-            f'auth_tokens = ["{token}"]\n'
-            f"client_to_client = true\n"
-            f"mtu = {TUNNEL_MTU}\n"
-            f'tun_name = "tnb{pid}{self.tag}s"\n'
-            f'control_socket = "{work / "server.sock"}"\n'
+            _toml(
+                listen=f"0.0.0.0:{self.port}",
+                key_file=keys["server"],
+                network=f"{self.network}.0/24",
+                auth_tokens=[token],
+                client_to_client=True,
+                mtu=TUNNEL_MTU,
+                tun_name=f"tnb{pid}{self.tag}s",
+                control_socket=work / "server.sock",
+            )
         )
         self.server = self._start_ready(
             bench, bench.s,
@@ -580,14 +594,16 @@ class ClientToClientContender(TunnelContender):
         for name, ns, server in (("a", bench.a, SERVER_S_A), ("b", bench.b, SERVER_S_B)):
             config = work / f"{name}.toml"
             config.write_text(
-                f'server = "{server}:{self.port}"\n'
-                f'server_id = "{server_id}"\n'
-                f'auth_token = "{token}"\n'
-                f'key_file = "{keys[name]}"\n'
-                f"peer_to_peer = {'true' if self.peer_to_peer else 'false'}\n"
-                f"mtu = {TUNNEL_MTU}\n"
-                f'tun_name = "tnb{pid}{self.tag}{name}"\n'
-                f'control_socket = "{work / f"{name}.sock"}"\n'
+                _toml(
+                    server=f"{server}:{self.port}",
+                    server_id=server_id,
+                    auth_token=token,
+                    key_file=keys[name],
+                    peer_to_peer=self.peer_to_peer,
+                    mtu=TUNNEL_MTU,
+                    tun_name=f"tnb{pid}{self.tag}{name}",
+                    control_socket=work / f"{name}.sock",
+                )
             )
             argv = [sys.executable, "-m", "tunnel", "client", "--config", str(config)]
             clients.append(self._start_ready(bench, ns, argv, f"{self.name}-{name}"))

@@ -138,9 +138,22 @@ class PeerLink:
         return None
 
     def remember_ping(self, txid: bytes, endpoint: Endpoint) -> None:
-        self.sent_pings[txid] = endpoint
-        while len(self.sent_pings) > MAX_PENDING_PINGS:
-            del self.sent_pings[next(iter(self.sent_pings))]
+        _remember(self.sent_pings, txid, endpoint, MAX_PENDING_PINGS)
+
+    def pinged_by(self, endpoint: Endpoint, now: float) -> None:
+        """An authenticated ping of this peer came from ``endpoint``."""
+        _remember(self.pinged_from, endpoint, now, MAX_PINGED_FROM)
+
+    def recently_pinged_by(self, endpoint: Endpoint, now: float) -> bool:
+        return now - self.pinged_from.get(endpoint, -math.inf) < PINGED_FROM_S
+
+
+def _remember(table: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Put ``key`` last in ``table`` and drop the oldest entries beyond ``limit``."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > limit:
+        del table[next(iter(table))]
 
 
 class PeerConnection(Channel):
@@ -435,10 +448,7 @@ class Peers:
             if link.pong_budget.take(now):
                 pong = DiscoPong(probe.txid, self.identity.public_key, endpoint)
                 self.session.endpoint.send(encode_pong(pong, link.secret), addr)
-            link.pinged_from.pop(endpoint, None)
-            link.pinged_from[endpoint] = now
-            while len(link.pinged_from) > MAX_PINGED_FROM:
-                del link.pinged_from[next(iter(link.pinged_from))]
+            link.pinged_by(endpoint, now)
             link.policy.ping_received(endpoint, now)
         else:
             sent_to = link.sent_pings.pop(probe.txid, None)
@@ -462,7 +472,7 @@ class Peers:
                 and link.connection is None
                 and endpoint in link.policy.candidates
                 and link.policy.state is not PathState.RELAY
-                and now - link.pinged_from.get(endpoint, -math.inf) < PINGED_FROM_S
+                and link.recently_pinged_by(endpoint, now)
             ):
                 original = bytes(data[6 : 6 + data[5]])
                 quic = tune(
