@@ -174,6 +174,18 @@ SERVER_ERRORS = [
     ({"nat64": {"udp_timeout": -1}}, "nat64.udp_timeout", "must be greater than 0"),
     ({"nat64": {"icmp_timeout": "30"}}, "nat64.icmp_timeout", "must be a number"),
     ({"nat64": {"max_mappings_per_client": 0}}, "nat64.max_mappings_per_client", "at least 1"),
+    ({"dns": "10.8.0.1"}, "dns", "must be an array"),
+    ({"dns": ["10.8.0"]}, "dns[0]", "is not an IP address"),
+    ({"dns": ["fe80::1"]}, "dns[0]", "cannot be a resolver address"),
+    ({"dns": ["10.8.0.1", "10.8.0.2", "10.8.0.3", "10.8.0.4"]}, "dns", "at most 3"),
+    ({"dns": ["10.8.0.1"], "dns_search": ["corp example"]}, "dns_search[0]",
+     "is not a domain name"),
+    ({"dns": ["10.8.0.1"], "dns_search": ["a.b\nnameserver 1.2.3.4"]}, "dns_search[0]",
+     "is not a domain name"),
+    ({"dns_search": ["corp.example"]}, "dns_search", "needs 'dns'"),
+    ({"masquerade": "yes"}, "masquerade", "must be a boolean"),
+    ({"network": DELETE, "network6": "fd00::/64", "masquerade": True}, "masquerade",
+     "needs 'network'"),
 ]  # fmt: skip
 
 
@@ -387,6 +399,13 @@ CLIENT_ERRORS = [
     ({"tun_name": "x" * 20}, "tun_name", "longer than 15 bytes"),
     ({"control_socket": ""}, "control_socket", "is not a file name"),
     ({"handshake_timeout": 0.0}, "handshake_timeout", "must be greater than 0"),
+    ({"accept_dns": 1}, "accept_dns", "must be a boolean"),
+    ({"kill_switch": True}, "kill_switch", "needs a fixed 'tun_name'"),
+    ({"kill_switch": "on", "tun_name": "vpn0"}, "kill_switch", "must be a boolean"),
+    ({"allow_ipv6_outside": "no"}, "allow_ipv6_outside", "must be a boolean"),
+    ({"fwmark": 0}, "fwmark", "must be from 1"),
+    ({"fwmark": 2**32}, "fwmark", "must be from 1"),
+    ({"state_dir": ""}, "state_dir", "is not a file name"),
 ]  # fmt: skip
 
 
@@ -478,12 +497,14 @@ _toml_values = st.recursive(
 _SERVER_KEY_NAMES = sorted(
     {*SERVER_BASE, "listen", "server_ip", "network6", "server_ip6", "auth_tokens_file",
      "allowed_clients", "mtu", "max_clients", "max_sessions_per_client", "client_to_client",
-     "tun_name", "control_socket", "handshake_timeout", "lease_grace", "nat64"}
+     "tun_name", "control_socket", "handshake_timeout", "lease_grace", "nat64", "dns",
+     "dns_search", "masquerade", "state_dir"}
 )  # fmt: skip
 _CLIENT_KEY_NAMES = sorted(
     {*CLIENT_BASE, "auth_token", "auth_token_file", "key_file", "routes", "routes6", "mtu",
      "auto_reconnect", "max_reconnect_attempts", "heartbeat_interval", "heartbeat_timeout",
-     "tun_name", "control_socket", "handshake_timeout"}
+     "tun_name", "control_socket", "handshake_timeout", "accept_dns", "kill_switch",
+     "allow_ipv6_outside", "fwmark", "state_dir"}
 )  # fmt: skip
 
 

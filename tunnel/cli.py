@@ -87,6 +87,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     config = load_client_config(args.config)
+    if args.cleanup:
+        from tunnel.daemon.client import cleanup_client
+
+        removed = cleanup_client(config)
+        print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
+        return EXIT_OK
     _check_ready_fd(args.ready_fd)
     options = RunOptions(log_level=args.log_level, ready_fd=args.ready_fd, config_path=args.config)
     import trio
@@ -371,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = commands.add_parser("client", help="run the client daemon")
     _add_daemon_options(client)
+    client.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove what a killed client of this config left (kill switch, DNS, routing rules)"
+        " and exit",
+    )
     client.set_defaults(func=_cmd_client)
 
     status = commands.add_parser("status", help="show the state of a running daemon")

@@ -17,13 +17,15 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
 
 from tunnel.core.identity import decode_public_id
+from tunnel.core.messages import MAX_DNS_SEARCH, MAX_DNS_SERVERS
+from tunnel.core.resolvconf import valid_search_domain
 from tunnel.core.tokens import parse_token_file, validate_token
 from tunnel.errors import ConfigError
 
@@ -60,6 +62,12 @@ DEFAULT_MAX_CLIENTS = 1024
 DEFAULT_MAX_SESSIONS_PER_CLIENT = 4
 DEFAULT_SERVER_SOCKET = Path("/run/tunnel/server.sock")
 DEFAULT_CLIENT_SOCKET = Path("/run/tunnel/client.sock")
+# Records of host changes that outlive a killed daemon (a replaced resolv.conf, a sysctl): on
+# disk that survives a reboot, because so does /etc/resolv.conf.
+DEFAULT_STATE_DIR = Path("/var/lib/tunnel")
+# The mark on the client's own QUIC sockets, and the number of its routing table (wg-quick's
+# way: one number for both).
+DEFAULT_FWMARK = 51830
 NAT64_WELL_KNOWN_PREFIX = IPv6Network("64:ff9b::/96")
 _IFNAMSIZ = 16  # Linux interface names are at most 15 bytes plus NUL
 _MAX_FILE_SIZE = 1 << 20  # config and token files are small; refuse to slurp a huge one
@@ -118,6 +126,13 @@ class ServerConfig:
     lease_grace: float = 60.0
     """Seconds a released address stays reserved for the same client to come back."""
     nat64: Nat64Config = Nat64Config()
+    dns: tuple[IPv4Address | IPv6Address, ...] = ()
+    """Resolvers pushed to clients in the handshake."""
+    dns_search: tuple[str, ...] = ()
+    """Search domains pushed to clients."""
+    masquerade: bool = False
+    """Be the clients' exit: forward their IPv4 traffic and masquerade it with our address."""
+    state_dir: Path = DEFAULT_STATE_DIR
 
 
 @attrs.frozen(kw_only=True)
@@ -145,6 +160,22 @@ class ClientConfig:
     tun_name: str = DEFAULT_TUN_NAME
     control_socket: Path = DEFAULT_CLIENT_SOCKET
     handshake_timeout: float = 10.0
+    accept_dns: bool = True
+    """Use the resolvers and search domains the server pushes while connected."""
+    kill_switch: bool = False
+    """From start until a clean stop, nothing leaves but the tunnel and QUIC to the server."""
+    allow_ipv6_outside: bool = False
+    """A full IPv4 tunnel without an IPv6 default lets global IPv6 use the underlay."""
+    fwmark: int = DEFAULT_FWMARK
+    """The mark of our QUIC sockets and the number of our routing table."""
+    state_dir: Path = DEFAULT_STATE_DIR
+
+    @property
+    def full_tunnel(self) -> bool:
+        """Does a default route (of either family) go through the tunnel?"""
+        return any(net.prefixlen == 0 for net in self.routes) or any(
+            net.prefixlen == 0 for net in self.routes6
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -459,7 +490,8 @@ _SERVER_KEYS = frozenset(
         "listen", "key_file", "network", "server_ip", "network6", "server_ip6",
         "auth_tokens", "auth_tokens_file", "allowed_clients", "mtu", "max_clients",
         "max_sessions_per_client", "client_to_client", "tun_name", "control_socket",
-        "handshake_timeout", "lease_grace", "nat64",
+        "handshake_timeout", "lease_grace", "nat64", "dns", "dns_search", "masquerade",
+        "state_dir",
     }
 )  # fmt: skip
 _NAT64_KEYS = frozenset(
@@ -513,6 +545,9 @@ def server_config_from_dict(
     _check_mtu(t, mtu, "network6 is set" if network6 is not None else None)
 
     nat64 = _nat64_from_table(t, network, network6)
+    masquerade = t.boolean("masquerade", False)
+    if masquerade and network is None:
+        raise t.error("masquerade", "masquerade translates IPv4 and needs 'network'")
 
     return ServerConfig(
         key_file=key_file,
@@ -536,7 +571,43 @@ def server_config_from_dict(
         handshake_timeout=t.number("handshake_timeout", 5.0, positive=True),
         lease_grace=t.number("lease_grace", 60.0),
         nat64=nat64,
+        dns=_dns_servers(t),
+        dns_search=_dns_search(t),
+        masquerade=masquerade,
+        state_dir=t.path("state_dir", DEFAULT_STATE_DIR),
     )
+
+
+def _dns_servers(t: _Table) -> tuple[IPv4Address | IPv6Address, ...]:
+    servers = t.parsed_list("dns", _resolver_address) or ()
+    if len(servers) > MAX_DNS_SERVERS:
+        raise t.error("dns", f"lists {len(servers)} resolvers; at most {MAX_DNS_SERVERS}")
+    return tuple(dict.fromkeys(servers))
+
+
+def _dns_search(t: _Table) -> tuple[str, ...]:
+    domains = t.parsed_list("dns_search", _search_domain) or ()
+    if len(domains) > MAX_DNS_SEARCH:
+        raise t.error("dns_search", f"lists {len(domains)} domains; at most {MAX_DNS_SEARCH}")
+    if domains and not t.has("dns"):
+        raise t.error("dns_search", "needs 'dns': clients apply search domains with resolvers")
+    return tuple(dict.fromkeys(domains))
+
+
+def _resolver_address(text: str) -> IPv4Address | IPv6Address:
+    try:
+        address = ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    if address.is_unspecified or address.is_multicast or address.is_link_local:
+        raise ValueError(f"{text!r} cannot be a resolver address")
+    return address
+
+
+def _search_domain(text: str) -> str:
+    if not valid_search_domain(text):
+        raise ValueError(f"{text!r} is not a domain name")
+    return text
 
 
 def _nat64_from_table(
@@ -587,7 +658,8 @@ _CLIENT_KEYS = frozenset(
         "server", "server_id", "auth_token", "auth_token_file", "key_file", "routes",
         "routes6", "mtu", "auto_reconnect", "peer_to_peer", "max_reconnect_attempts",
         "heartbeat_interval", "heartbeat_timeout", "tun_name", "control_socket",
-        "handshake_timeout",
+        "handshake_timeout", "accept_dns", "kill_switch", "allow_ipv6_outside", "fwmark",
+        "state_dir",
     }
 )  # fmt: skip
 
@@ -618,6 +690,11 @@ def client_config_from_dict(
             "heartbeat_timeout",
             f"{heartbeat_timeout} must be greater than heartbeat_interval ({heartbeat_interval})",
         )
+    tun_name = t.parsed("tun_name", _tun_name, DEFAULT_TUN_NAME)
+    kill_switch = t.boolean("kill_switch", False)
+    if kill_switch and "%" in tun_name:
+        # The firewall lets the tunnel's device through by name, before the device exists.
+        raise t.error("kill_switch", f"needs a fixed 'tun_name', not the template {tun_name!r}")
     return ClientConfig(
         server_host=server_host,
         server_port=server_port,
@@ -633,9 +710,14 @@ def client_config_from_dict(
         max_reconnect_attempts=t.integer("max_reconnect_attempts", None, lo=1),
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout,
-        tun_name=t.parsed("tun_name", _tun_name, DEFAULT_TUN_NAME),
+        tun_name=tun_name,
         control_socket=t.path("control_socket", DEFAULT_CLIENT_SOCKET),
         handshake_timeout=t.number("handshake_timeout", 10.0, positive=True),
+        accept_dns=t.boolean("accept_dns", True),
+        kill_switch=kill_switch,
+        allow_ipv6_outside=t.boolean("allow_ipv6_outside", False),
+        fwmark=t.integer("fwmark", DEFAULT_FWMARK, lo=1, hi=0xFFFF_FFFF),
+        state_dir=t.path("state_dir", DEFAULT_STATE_DIR),
     )
 
 

@@ -159,7 +159,17 @@ def responses(draw):
         fields.update(draw(v6_triples()))
     low = 1280 if "6" in which else 68
     fields["mtu"] = draw(st.none() | st.integers(low, 65535))
+    fields["dns"] = tuple(draw(st.lists(resolvers, max_size=m.MAX_DNS_SERVERS)))
+    fields["dns_search"] = tuple(draw(st.lists(domains, max_size=m.MAX_DNS_SEARCH)))
     return AuthResponse(accepted=True, **fields)
+
+
+resolvers = (st.ip_addresses(v=4) | st.ip_addresses(v=6)).filter(
+    lambda a: not (a.is_unspecified or a.is_multicast or a.is_link_local)
+)
+domains = st.from_regex(
+    r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True
+)
 
 
 packets = st.builds(Packet, st.binary(max_size=3000))
@@ -484,6 +494,36 @@ def test_malformed_control_payload_in_stream_raises():
 GOOD_HELLO = {"version": 1, "nonce": NONCE.hex(), "max_datagram_payload": 1200}
 GOOD_REQUEST = json.loads(encode_control_payload(request()))
 GOOD_RESPONSE = json.loads(encode_control_payload(accept4(**V6)))
+
+
+@pytest.mark.parametrize(
+    "dns, dns_search",
+    [
+        (["fe80::1"], []),  # a link-local resolver needs a scope the client cannot know
+        (["0.0.0.0"], []),
+        (["10.0.0.1"] * (m.MAX_DNS_SERVERS + 1), []),
+        (["10.0.0.1"], ["a.example"] * (m.MAX_DNS_SEARCH + 1)),
+        (["10.0.0.1"], ["corp.example\nnameserver 6.6.6.6"]),  # a line of its own, injected
+        (["10.0.0.1"], ["corp example"]),
+        (["10.0.0.1"], [""]),
+        (["10.0.0.1"], [7]),
+        (["not an address"], []),
+        ("10.0.0.1", []),
+    ],
+)
+def test_pushed_dns_that_could_harm_the_client_is_refused(dns, dns_search):
+    obj = {**GOOD_RESPONSE, "dns": dns, "dns_search": dns_search}
+    with pytest.raises(DecodeError):
+        decode_control_payload_untrusted(m.FRAME_AUTH_RESPONSE, payload(obj))
+
+
+def test_pushed_dns_round_trips_and_a_rejection_carries_none():
+    msg = accept4(dns=(IPv4Address("10.8.0.1"),), dns_search=("corp.example",))
+    assert (
+        decode_control_payload_untrusted(m.FRAME_AUTH_RESPONSE, encode_control_payload(msg)) == msg
+    )
+    with pytest.raises(ValueError):
+        AuthResponse(accepted=False, dns=(IPv4Address("10.8.0.1"),))
 
 
 def test_unknown_keys_ignored_and_null_is_absent():

@@ -4,6 +4,7 @@ TUN devices, virtual time. Everything above the kernel is the real code."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from contextlib import asynccontextmanager
 
 import pytest
@@ -892,9 +893,11 @@ async def test_the_host_route_to_the_server_follows_the_underlay(autojump_clock)
 
 
 async def _host_route_follows(network):
+    # A route through the tunnel that covers the server's own address: a host route keeps
+    # the server outside it. (A default route needs none: policy routing, below.)
     async with (
         running_server(network),
-        running_client(network, "198.51.100.2", routes=["0.0.0.0/0"], routes6=[]) as a,
+        running_client(network, "198.51.100.2", routes=["192.0.0.0/8"], routes6=[]) as a,
     ):
         host = a.network.host
         server_net = ipaddress.ip_network(f"{SERVER_ADDR[0]}/32")
@@ -910,11 +913,91 @@ async def _host_route_follows(network):
         # moment in which traffic could leave in the clear.
         network.policy = lambda data, src, dst: False
         await wait_for(lambda: a.state != "connected")
-        assert ("route", "0.0.0.0/1", a.tun.name, None) in host.applied
+        assert ("route", "192.0.0.0/8", a.tun.name, None) in host.applied
         assert host.moving[SERVER_ROUTE_KEY] == Route(server_net, "192.0.2.253", 3)
         network.policy = lambda data, src, dst: True
         await wait_for(lambda: a.state == "connected")
         assert a.platform.tuns == [a.tun]
+
+
+async def test_a_full_tunnel_routes_by_policy_and_refuses_ipv6_it_does_not_carry(autojump_clock):
+    network = FakeNetwork()
+    async with (
+        running_server(network, dns=["10.8.0.1"], dns_search=["corp.example"]),
+        running_client(network, "198.51.100.2", routes=["0.0.0.0/0"], routes6=[]) as a,
+    ):
+        host = a.network.host
+        mark = a.config.fwmark
+        assert ("table route", mark, "0.0.0.0/0", a.tun.name) in host.applied
+        assert ("table route", mark, "::/0", "unreachable") in host.applied
+        rules = [entry for entry in host.applied if entry[0] == "rule"]
+        assert len(rules) == 4, rules  # suppress + "not fwmark" for each family
+        assert all(dict(rule[2])["priority"] in (32764, 32765) for rule in rules), rules
+        assert ("sysctl", "net.ipv4.conf.all.src_valid_mark", "1") in host.applied
+        assert host.moving == {}  # no host route pins the server to a gateway
+        assert a.platform.state.get("policy_routing")["table"] == mark  # for a killed client
+        # The pushed resolvers, for every lookup (the full tunnel's "~." routing domain).
+        ((ifname, _, settings),) = a.platform.dns.applied
+        assert ifname == a.tun.name
+        assert settings.servers == (ipaddress.ip_address("10.8.0.1"),)
+        assert settings.search == ("corp.example",)
+        assert settings.route_all is True
+        assert a.status()["dns"]["servers"] == ["10.8.0.1"]
+    a.close()
+    assert a.platform.dns.restores == 1
+    assert a.platform.state.read() == {}  # nothing left to recover
+
+
+async def test_allow_ipv6_outside_leaves_ipv6_alone_and_accept_dns_off_ignores_the_push(
+    autojump_clock,
+):
+    network = FakeNetwork()
+    async with (
+        running_server(network, dns=["10.8.0.1"]),
+        running_client(
+            network, "198.51.100.2", routes=["0.0.0.0/0"], routes6=[], allow_ipv6_outside=True,
+            accept_dns=False,
+        ) as a,
+    ):  # fmt: skip
+        host = a.network.host
+        assert not [e for e in host.applied if e[0] == "table route" and e[2] == "::/0"]
+        assert {e[1] for e in host.applied if e[0] == "rule"} == {socket.AF_INET}
+        assert a.platform.dns.applied == []
+        assert a.status()["dns"] is None
+
+
+async def test_a_name_that_stops_resolving_is_reached_at_its_last_addresses(autojump_clock):
+    """The resolver may sit behind the very tunnel that is down (pushed DNS), or a kill switch
+    refuses the others: the addresses of the last lookup keep the client coming back."""
+    network = FakeNetwork()
+    platform = FakePlatform(network, "198.51.100.2")
+    platform.names["vpn.example"] = [SERVER_ADDR[0]]
+    client = Client(
+        client_config(server=f"vpn.example:{SERVER_ADDR[1]}"),
+        Identity.generate(),
+        RunOptions(),
+        platform,
+    )
+
+    async def lookup_hangs(*args, **kwargs):
+        await trio.sleep_forever()
+
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery, running_server(network):
+            nursery.start_soon(client.supervise)
+            await client.connected.wait()
+            for broken in ("no such name", "no answer"):
+                if broken == "no such name":
+                    platform.names["vpn.example"] = []
+                else:
+                    platform.resolve_all = lookup_hangs
+                reconnects = client.reconnects
+                network.policy = lambda data, src, dst: False  # the session is lost
+                await wait_for(lambda: client.state != "connected")
+                network.policy = lambda data, src, dst: True
+                await wait_for(lambda: client.state == "connected")
+                assert client.reconnects > reconnects, broken
+            nursery.cancel_scope.cancel()
 
 
 async def test_version_negotiation_only_for_full_size_datagrams_and_rate_limited(autojump_clock):

@@ -130,6 +130,7 @@ class TunnelFiles:
             "max_clients": 8,
             "tun_name": "tnlsrv0",
             "control_socket": self.socket(name),
+            "state_dir": str(self.dir / "state"),
         }
         data.update(settings)
         return write_toml(self.dir / f"{name}.toml", data)
@@ -141,6 +142,7 @@ class TunnelFiles:
             "server": "10.77.0.1:4433",
             "tun_name": "tnlcli0",
             "control_socket": self.socket(name),
+            "state_dir": str(self.dir / "state"),
             "auto_reconnect": False,
         }
         data.update(settings)

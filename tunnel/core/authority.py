@@ -9,6 +9,7 @@ so that a returning client (same identity and device_id) gets its addresses back
 from __future__ import annotations
 
 import ipaddress
+from ipaddress import IPv4Address, IPv6Address
 
 import attrs
 
@@ -71,6 +72,8 @@ class Authority:
         mtu: int,
         lease_grace: float,
         max_sessions_per_client: int | None = None,
+        dns: tuple[IPv4Address | IPv6Address, ...] = (),
+        dns_search: tuple[str, ...] = (),
     ) -> None:
         if pool4 is None and pool6 is None:
             raise ValueError("an authority needs at least one address pool")
@@ -83,12 +86,26 @@ class Authority:
         self.pool6 = pool6
         self.mtu = mtu
         self.lease_grace = lease_grace
+        self.dns = dns  # pushed to every accepted client
+        self.dns_search = dns_search
         self._leases: dict[Owner, Lease] = {}
 
-    def reload(self, *, tokens: TokenSet, allowed_clients: frozenset[bytes] | None) -> None:
-        """Swap the parts of the policy that may change while sessions run."""
+    def reload(
+        self,
+        *,
+        tokens: TokenSet,
+        allowed_clients: frozenset[bytes] | None,
+        dns: tuple[IPv4Address | IPv6Address, ...] | None = None,
+        dns_search: tuple[str, ...] | None = None,
+    ) -> None:
+        """Swap the parts of the policy that may change while sessions run (the DNS settings
+        reach the clients that connect from now on)."""
         self.tokens = tokens
         self.allowed_clients = allowed_clients
+        if dns is not None:
+            self.dns = dns
+        if dns_search is not None:
+            self.dns_search = dns_search
 
     @property
     def active_count(self) -> int:
@@ -163,7 +180,12 @@ class Authority:
         return Lease(owner, ipv4, ipv6)  # type: ignore[arg-type]
 
     def _accepted(self, lease: Lease) -> AuthResponse:
-        fields: dict[str, object] = {"accepted": True, "mtu": self.mtu}
+        fields: dict[str, object] = {
+            "accepted": True,
+            "mtu": self.mtu,
+            "dns": self.dns,
+            "dns_search": self.dns_search,
+        }
         if self.pool4 is not None:
             fields.update(
                 assigned_ip=lease.ipv4, network=self.pool4.network, server_ip=self.pool4.server_ip

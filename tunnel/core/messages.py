@@ -33,6 +33,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import attrs
 
+from tunnel.core.resolvconf import valid_search_domain
 from tunnel.errors import DecodeError
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
     "FRAME_PONG",
     "FRAME_SERVER_HELLO",
     "MAX_CONTROL_PAYLOAD",
+    "MAX_DNS_SEARCH",
+    "MAX_DNS_SERVERS",
     "MAX_ENDPOINTS",
     "MAX_PACKET",
     "PROTOCOL_VERSION",
@@ -103,6 +106,9 @@ FRAME_PEER_AUTH = 0x16  # peer -> peer: the initiator's proof on a direct connec
 
 # At most this many underlay endpoints per client: a client could report a million.
 MAX_ENDPOINTS = 8
+# Pushed DNS: glibc reads at most three nameservers and six search domains (MAXNS, MAXDNSRCH).
+MAX_DNS_SERVERS = 3
+MAX_DNS_SEARCH = 6
 
 MAX_CONTROL_PAYLOAD = 4096
 MAX_PACKET = 65535
@@ -253,7 +259,10 @@ class AuthResponse:
     Accepted: no ``reject_reason``, and a complete IPv4 triple (``assigned_ip``, ``network``,
     ``server_ip``), a complete IPv6 triple (``assigned_ip6``, ``network6``, ``server_ip6``) or
     both, each with both addresses inside the network and distinct; ``mtu`` optional (at least
-    68, or 1280 with IPv6). Rejected: optional ``reject_reason``, nothing else.
+    68, or 1280 with IPv6); ``dns`` (resolver addresses, at most ``MAX_DNS_SERVERS``) and
+    ``dns_search`` (search domains, at most ``MAX_DNS_SEARCH``, each a plain DNS name: they end
+    up in the client's resolver configuration) optional. Rejected: optional ``reject_reason``,
+    nothing else.
     Construction raises ``ValueError``/``TypeError`` if these rules are broken.
     """
 
@@ -270,10 +279,16 @@ class AuthResponse:
     )
     temporary: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     """Rejected for a reason that may pass (server full, no free address): try again later."""
+    dns: tuple[Address, ...] = attrs.field(default=(), validator=lambda i, a, v: _check_dns(v))
+    dns_search: tuple[str, ...] = attrs.field(
+        default=(), validator=lambda i, a, v: _check_dns_search(v)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.accepted and self.temporary:
             raise ValueError("an accepted AuthResponse is not temporary")
+        if not self.accepted and (self.dns or self.dns_search):
+            raise ValueError("a rejecting AuthResponse carries no dns")
         has4 = _check_triple(self.assigned_ip, self.network, self.server_ip, "")
         has6 = _check_triple(self.assigned_ip6, self.network6, self.server_ip6, "6")
         if self.accepted:
@@ -285,6 +300,25 @@ class AuthResponse:
                 raise ValueError(f"mtu {self.mtu} is below the IPv6 minimum of {_MIN_MTU6}")
         elif has4 or has6 or self.mtu is not None:
             raise ValueError("a rejecting AuthResponse carries no addresses and no mtu")
+
+
+def _check_dns(value: object) -> None:
+    if not isinstance(value, tuple) or len(value) > MAX_DNS_SERVERS:
+        raise ValueError(f"dns must be a tuple of at most {MAX_DNS_SERVERS} addresses")
+    for address in value:
+        if not isinstance(address, IPv4Address | IPv6Address):
+            raise TypeError(f"dns holds {type(address).__name__}, not an address")
+        if address.is_unspecified or address.is_multicast or address.is_link_local:
+            # A link-local resolver would need a scope the client cannot know.
+            raise ValueError(f"dns: {address} cannot be a resolver address")
+
+
+def _check_dns_search(value: object) -> None:
+    if not isinstance(value, tuple) or len(value) > MAX_DNS_SEARCH:
+        raise ValueError(f"dns_search must be a tuple of at most {MAX_DNS_SEARCH} domains")
+    for domain in value:
+        if not isinstance(domain, str) or not valid_search_domain(domain):
+            raise ValueError(f"dns_search: not a domain name: {domain!r}")
 
 
 Address: TypeAlias = IPv4Address | IPv6Address
@@ -477,6 +511,10 @@ def _message_to_json(msg: ControlMessage) -> dict[str, Any]:
             obj[name] = value if isinstance(value, str | int) else str(value)
     if msg.temporary:
         obj["temporary"] = True
+    if msg.dns:
+        obj["dns"] = [str(a) for a in msg.dns]
+    if msg.dns_search:
+        obj["dns_search"] = list(msg.dns_search)
     return obj
 
 
@@ -710,7 +748,26 @@ def _decode_auth_response(obj: dict[str, Any]) -> AuthResponse:
         server_ip6=_get_ip(obj, "server_ip6", IPv6Address),
         mtu=_get(obj, "mtu", int, required=False),
         temporary=_get(obj, "temporary", bool, required=False) or False,
+        dns=_get_addresses(obj, "dns", MAX_DNS_SERVERS),
+        dns_search=_get_domains(obj, "dns_search"),
     )
+
+
+def _get_addresses(obj: dict[str, Any], key: str, limit: int) -> tuple[Address, ...]:
+    items = _get(obj, key, list, required=False) or []
+    if len(items) > limit:
+        raise DecodeError(f"{key!r} lists {len(items)} addresses, at most {limit}")
+    return tuple(_parse_address(item, key) for item in items)
+
+
+def _get_domains(obj: dict[str, Any], key: str) -> tuple[str, ...]:
+    items = _get(obj, key, list, required=False) or []
+    if len(items) > MAX_DNS_SEARCH:
+        raise DecodeError(f"{key!r} lists {len(items)} domains, at most {MAX_DNS_SEARCH}")
+    for item in items:
+        if not isinstance(item, str) or not valid_search_domain(item):
+            raise DecodeError(f"{key!r} holds something other than a domain name")
+    return tuple(items)
 
 
 _DECODERS: dict[int, Callable[[dict[str, Any]], ControlMessage]] = {

@@ -25,6 +25,9 @@ log = logging.getLogger("tunnel.netlink")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+MAIN_TABLE = 254
+FIB_RULE_INVERT = 0x2  # a rule's flags: match what the selector does not match ("not")
+
 
 def _family(addr: IPAddress | IPNetwork) -> int:
     return socket.AF_INET if addr.version == 4 else socket.AF_INET6
@@ -112,12 +115,20 @@ class HostChanges:
         ifname: str | None = None,
         via: str | None = None,
         oif: int | None = None,
+        table: int | None = None,
+        unreachable: bool = False,
     ) -> None:
+        """A route, in the main table or ``table``; ``unreachable``: one that refuses (an
+        immediate "network unreachable" to the sender) instead of sending anywhere."""
         spec: dict[str, Any] = {
             "dst": str(network.network_address),
             "dst_len": network.prefixlen,
             "family": _family(network),
         }
+        if table is not None:
+            spec["table"] = table
+        if unreachable:
+            spec["type"] = "unreachable"
         if ifname is not None:
             spec["oif"] = self.link_index(ifname)
         if oif is not None:
@@ -125,13 +136,81 @@ class HostChanges:
         if via is not None:
             spec["gateway"] = via
         desc = (
-            f"add route {network}"
+            ("add unreachable route " if unreachable else "add route ")
+            + str(network)
             + (f" via {via}" if via else "")
             + (f" dev {ifname}" if ifname else "")
+            + (f" table {table}" if table is not None else "")
         )
         self._do(
             desc, lambda: self._ipr.route("add", **spec), lambda: self._ipr.route("del", **spec)
         )
+
+    def add_rule(self, family: int, **rule: Any) -> None:
+        """A policy routing rule (pyroute2's keywords: ``priority``, ``table``, ``fwmark``,
+        ``flags``, ``suppress_prefixlen``), removed again by :meth:`undo`."""
+        spec = {"family": family, **rule}
+        self._do(
+            f"add rule {describe_rule(spec)}",
+            lambda: self._ipr.rule("add", **spec),
+            lambda: self._ipr.rule("del", **spec),
+        )
+
+    def delete_rule(self, family: int, **rule: Any) -> bool:
+        """Remove a rule a killed daemon left (False: it was not there)."""
+        spec = {"family": family, **rule}
+        try:
+            self._ipr.rule("del", **spec)
+        except NetlinkError as exc:
+            log.debug("delete rule %s: %s", describe_rule(spec), exc)
+            return False
+        return True
+
+    def flush_table(self, family: int, table: int) -> int:
+        """Remove every route of ``table`` (a killed daemon's own table); returns how many."""
+        removed = 0
+        try:
+            messages = self._ipr.get_routes(family=family, table=table)
+        except NetlinkError as exc:
+            raise SystemSetupError(f"cannot read routing table {table}: {exc.args[-1]}") from exc
+        for msg in messages:
+            if msg.get_attr("RTA_TABLE") != table:
+                continue
+            spec = {"family": family, "table": table, "dst_len": msg["dst_len"]}
+            spec["type"] = msg["type"]
+            if msg.get_attr("RTA_DST"):
+                spec["dst"] = msg.get_attr("RTA_DST")
+            try:
+                self._ipr.route("del", **spec)
+                removed += 1
+            except NetlinkError as exc:
+                log.debug("flush table %d: %s", table, exc)
+        return removed
+
+    def read_sysctl(self, name: str) -> str:
+        """The value of ``/proc/sys/NAME`` (dots for slashes)."""
+        try:
+            with open(_sysctl_path(name)) as knob:
+                return knob.read().strip()
+        except OSError as exc:
+            raise SystemSetupError(f"cannot read {name}: {exc.strerror}") from exc
+
+    def write_sysctl(self, name: str, value: str) -> None:
+        """Set a sysctl, with no undo (for restoring what a killed daemon changed)."""
+        try:
+            with open(_sysctl_path(name), "w") as knob:
+                knob.write(value)
+        except OSError as exc:
+            raise SystemSetupError(f"cannot set {name}: {exc.strerror}") from exc
+        log.debug("sysctl %s=%s", name, value)
+
+    def set_sysctl(self, name: str, value: str) -> None:
+        """Set a sysctl; :meth:`undo` puts back the value it had."""
+        old = self.read_sysctl(name)
+        if old == value:
+            return
+        self.write_sysctl(name, value)
+        self._undo.append((f"sysctl {name}={old}", lambda: self.write_sysctl(name, old)))
 
     def underlay_route_to(
         self, address: IPAddress, *, avoid_oif: int | None, avoid: Route | None
@@ -189,9 +268,28 @@ class HostChanges:
             what, action = self._undo.pop()
             try:
                 action()
-            except NetlinkError as exc:
+            except (NetlinkError, SystemSetupError) as exc:
                 # ENODEV/ESRCH/EADDRNOTAVAIL: it went away with the device already.
                 log.debug("undo %s: %s", what, exc)
+
+
+def _sysctl_path(name: str) -> str:
+    return "/proc/sys/" + name.replace(".", "/")
+
+
+def describe_rule(spec: dict[str, Any]) -> str:
+    """A rule the way ``ip rule`` shows it, for logs and errors."""
+    words = [f"{spec['priority']}:" if "priority" in spec else ""]
+    if spec.get("flags", 0) & FIB_RULE_INVERT:
+        words.append("not")
+    if "fwmark" in spec:
+        words.append(f"fwmark {spec['fwmark']:#x}")
+    else:
+        words.append("from all")
+    words.append(f"lookup {'main' if spec.get('table') == MAIN_TABLE else spec.get('table')}")
+    if "suppress_prefixlen" in spec:
+        words.append(f"suppress_prefixlength {spec['suppress_prefixlen']}")
+    return " ".join(w for w in words if w)
 
 
 def _unicast_routes(messages: Any) -> list[Route]:

@@ -1,19 +1,24 @@
 """The host resources a daemon asks for, behind one seam.
 
-Daemons get UDP sockets, TUN devices, netlink changes and the network monitor from a
-:class:`Platform`; tests hand them :class:`tunnel.testing.fakes.FakePlatform` instead and run
-two in-memory peers on virtual time.
+Daemons get UDP sockets, TUN devices, netlink changes, the network monitor and the resolver
+configurator from a :class:`Platform`; tests hand them
+:class:`tunnel.testing.fakes.FakePlatform` instead and run two in-memory peers on virtual time.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tunnel.daemon.connector import resolve_all
 from tunnel.daemon.netlink import HostChanges
 from tunnel.daemon.netmonitor import NetworkMonitor
+from tunnel.daemon.statefile import StateFile
 from tunnel.daemon.tun import TunDevice
 from tunnel.daemon.udp import UdpEndpoint, resolve
+
+if TYPE_CHECKING:
+    from tunnel.daemon.client.dns import DnsConfigurator
 
 
 class Platform:
@@ -35,9 +40,10 @@ class Platform:
         key: str,
         family: int | None = None,
         reply_from_target: bool = False,
+        mark: int | None = None,
     ) -> UdpEndpoint:
         return await UdpEndpoint.bind(
-            host, port, key=key, family=family, reply_from_target=reply_from_target
+            host, port, key=key, family=family, reply_from_target=reply_from_target, mark=mark
         )
 
     def open_tun(self, name: str) -> TunDevice:
@@ -48,6 +54,15 @@ class Platform:
 
     def network_monitor(self) -> NetworkMonitor:
         return NetworkMonitor.open()
+
+    def dns_configurator(self, state: StateFile) -> DnsConfigurator:
+        # Imported here: the client package imports this module.
+        from tunnel.daemon.client.dns import DnsConfigurator
+
+        return DnsConfigurator(state)
+
+    def state_file(self, path: Path) -> StateFile:
+        return StateFile(path)
 
 
 SYSTEM = Platform()

@@ -129,12 +129,16 @@ class UdpEndpoint:
         key: str,
         family: int | None = None,
         reply_from_target: bool = False,
+        mark: int | None = None,
     ) -> UdpEndpoint:
         """Bind ``host:port`` (a wildcard, a literal or a name); errors name the config ``key``.
 
         ``reply_from_target`` (for a server): learn the local address each datagram was sent
         to, so that answers can leave from it. Only a wildcard bind needs it: a socket bound
         to one address sends from that one anyway, so elsewhere it is ignored.
+
+        ``mark`` (SO_MARK, needs CAP_NET_ADMIN): the client's sockets carry it, so that policy
+        routing sends them outside the tunnel and the kill switch lets them through.
         """
         if family is None:
             family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
@@ -149,6 +153,8 @@ class UdpEndpoint:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             _never_fragment(sock, family)
+            if mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             reply_from_target = reply_from_target and host in ("", "::", "0.0.0.0")
             if reply_from_target:
                 if family == socket.AF_INET6:

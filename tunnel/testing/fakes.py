@@ -11,6 +11,7 @@ import collections
 import ipaddress
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -18,6 +19,7 @@ import trio
 from tunnel.core.eyeballs import order_addresses
 from tunnel.core.netchange import NetworkChange
 from tunnel.core.underlay import Route
+from tunnel.daemon.statefile import StateFile
 from tunnel.errors import NameNotResolved
 
 Address = tuple[str, int]
@@ -178,6 +180,7 @@ class FakeHostChanges:
         self.closed = False
         # This host's interface addresses, as a test sets them (candidates for direct paths).
         self.addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        self.sysctls: dict[str, str] = {}
 
     def local_addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         return list(self.addresses)
@@ -196,8 +199,33 @@ class FakeHostChanges:
         ifname: str | None = None,
         via: str | None = None,
         oif: int | None = None,
+        table: int | None = None,
+        unreachable: bool = False,
     ) -> None:
-        self.applied.append(("route", str(network), ifname, via))
+        if table is None and not unreachable:
+            self.applied.append(("route", str(network), ifname, via))
+        else:
+            kind = "unreachable" if unreachable else ifname
+            self.applied.append(("table route", table, str(network), kind))
+
+    def add_rule(self, family: int, **rule: Any) -> None:
+        self.applied.append(("rule", family, tuple(sorted(rule.items()))))
+
+    def delete_rule(self, family: int, **rule: Any) -> bool:
+        return False
+
+    def flush_table(self, family: int, table: int) -> int:
+        return 0
+
+    def read_sysctl(self, name: str) -> str:
+        return self.sysctls.get(name, "0")
+
+    def write_sysctl(self, name: str, value: str) -> None:
+        self.sysctls[name] = value
+
+    def set_sysctl(self, name: str, value: str) -> None:
+        self.applied.append(("sysctl", name, value))
+        self.sysctls[name] = value
 
     def underlay_route_to(self, address: Any, *, avoid_oif: Any, avoid: Any) -> Any:
         # The test moves the underlay by changing ``underlay``.
@@ -226,6 +254,8 @@ class FakePlatform:
         self.changes: list[FakeHostChanges] = []
         self.monitor = FakeNetworkMonitor()
         self.names: dict[str, list[str]] = {}  # host name -> addresses, for resolve_all
+        self.dns = FakeDns()
+        self.state = MemoryStateFile()
 
     async def resolve(self, host: str, port: int, *, key: str) -> tuple[int, Any]:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -253,6 +283,7 @@ class FakePlatform:
         key: str,
         family: int | None = None,
         reply_from_target: bool = False,
+        mark: int | None = None,
     ) -> FakeEndpoint:
         if host in ("", "::", "0.0.0.0"):
             host = self.host
@@ -270,6 +301,49 @@ class FakePlatform:
 
     def network_monitor(self) -> FakeNetworkMonitor:
         return self.monitor
+
+    def dns_configurator(self, state: Any) -> FakeDns:
+        return self.dns
+
+    def state_file(self, path: Path) -> MemoryStateFile:
+        return self.state
+
+
+class MemoryStateFile(StateFile):
+    """A :class:`StateFile` that never touches the disk."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent/memory-state.json"))
+        self.data: dict[str, Any] = {}
+
+    def read(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    def _write(self, data: dict[str, Any]) -> None:
+        self.data = dict(data)
+
+    def drop(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+class FakeDns:
+    """Records the resolver settings a client applies (a :class:`DnsConfigurator` stand-in)."""
+
+    backend = "fake"
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, int, Any]] = []  # (ifname, ifindex, settings)
+        self.current: Any = None
+        self.restores = 0
+
+    async def apply(self, ifname: str, ifindex: int, settings: Any) -> None:
+        self.applied.append((ifname, ifindex, settings))
+        self.current = settings
+
+    def restore(self) -> None:
+        if self.current is not None:
+            self.restores += 1
+        self.current = None
 
 
 class FakeNetworkMonitor:

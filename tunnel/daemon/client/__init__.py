@@ -23,10 +23,12 @@ The objects, each with one job, and what they are handed:
   the drop counters; its ``status()`` gathers the counters of the others for
   ``tunnel status``.
 - :class:`HostNetwork` (``hostnet.py``): everything the client changes on the host (the TUN
-  device, its addresses, the tunnel's routes, the host routes that keep the server reachable
-  outside the tunnel), undone by its ``close()``. The TUN device and routes are created with
-  the first session and kept across reconnects, so applications see a pause, not a vanished
-  interface.
+  device, its addresses, the tunnel's routes, the policy routing of a full tunnel
+  (``policyroute.py``), the host routes that keep the server reachable outside narrower
+  routes, the pushed resolvers (``dns.py``)), undone by its ``close()``; what outlives a
+  killed client is recorded in its state file first and undone at the next start. The TUN
+  device and routes are created with the first session and kept across reconnects, so
+  applications see a pause, not a vanished interface.
 - :class:`Supervisor` (``supervisor.py``): the reconnect loop, the classification of failures
   (permanent or retried), the reactions to network changes, the race of handshakes and the
   start of an accepted session. It is given the :class:`HostNetwork` to apply what the server
@@ -46,8 +48,8 @@ and the names the rest of the code imports; ``Client`` keeps read-only views (``
 Everything logs as ``tunnel.client``.
 """
 
-from tunnel.daemon.client.daemon import Client, run_client
+from tunnel.daemon.client.daemon import Client, cleanup_client, run_client
 from tunnel.daemon.client.session import ClientSession
 from tunnel.daemon.client.supervisor import GaveUp
 
-__all__ = ["Client", "ClientSession", "GaveUp", "run_client"]
+__all__ = ["Client", "ClientSession", "GaveUp", "cleanup_client", "run_client"]

@@ -12,9 +12,10 @@ from aioquic.tls import SessionTicket
 
 from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.identity import Identity, encode_public_id
-from tunnel.daemon.client.hostnet import HostNetwork
+from tunnel.daemon.client.hostnet import HostNetwork, recover
 from tunnel.daemon.client.session import ClientSession, SessionServices, TicketSlot
-from tunnel.daemon.client.supervisor import Supervisor
+from tunnel.daemon.client.supervisor import RESOLVE_PATIENCE, SERVER_ADDRESSES_KEY, Supervisor
+from tunnel.daemon.nft import KillSwitch, Nftables
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.runtime import (
     ControlServer,
@@ -23,10 +24,14 @@ from tunnel.daemon.runtime import (
     watch_signals,
 )
 from tunnel.daemon.session import Drops
+from tunnel.daemon.statefile import StateFile, state_path
 from tunnel.daemon.tun import TunDevice
+from tunnel.errors import NameNotResolved
 from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.client")
+
+KILL_SWITCH_KEY = "kill_switch"  # in the state file: a table a killed client left closed
 
 
 class Client:
@@ -49,7 +54,10 @@ class Client:
         self.tickets = TicketSlot()  # from the last session, for resumption
         self.drops = Drops()
         self.started_at = trio.current_time()
-        self.network = HostNetwork(config, platform)
+        self.host_state = platform.state_file(
+            state_path(config.state_dir, "client", config.control_socket)
+        )
+        self.network = HostNetwork(config, platform, self.host_state)
         self.supervisor = Supervisor(
             config,
             platform,
@@ -128,6 +136,8 @@ class Client:
             "state": supervisor.state,
             "tun": tun.name if tun else None,
             "addresses": addresses,
+            "dns": self.network.dns_status(),
+            "kill_switch": self.config.kill_switch,
             "device_id": self.device_id,
             "uptime": round(trio.current_time() - self.started_at, 3),
             "reconnects": supervisor.reconnects,
@@ -149,13 +159,30 @@ class Client:
 
 
 async def run_client(config: ClientConfig, options: RunOptions) -> None:
-    """Run the client until SIGTERM/SIGINT, a permanent failure, or giving up."""
+    """Run the client until SIGTERM/SIGINT, a permanent failure, or giving up.
+
+    With ``kill_switch`` the firewall closes before anything else and opens again only on a
+    clean stop (a signal): a client that fails, or is killed, leaves it closed for the next
+    start to take over, or for ``tunnel client --cleanup`` to remove."""
     check_ready_fd(options.ready_fd)
     identity = read_key_file(config.key_file) if config.key_file else Identity.generate()
     client = Client(config, identity, options)
     control = ControlServer(control_socket_path(config.control_socket), client.status)
+    kill_switch = _kill_switch(config)
+    stopped_cleanly = False
     try:
-        await control.bind()
+        await control.bind()  # first: a second client on the same socket stops here
+        if kill_switch is not None:
+            if client.host_state.get(KILL_SWITCH_KEY) is None:
+                await _resolve_before_closing(client)
+            client.host_state.put(KILL_SWITCH_KEY, {"tun_name": config.tun_name})
+            kill_switch.engage()  # or take over the one a previous run left
+        elif client.host_state.get(KILL_SWITCH_KEY) is not None:
+            KillSwitch.cleanup(Nftables(), config.tun_name)
+            client.host_state.drop(KILL_SWITCH_KEY)
+            log.warning("removed the kill switch a previous client left (kill_switch is off)")
+        for what in recover(client.platform, client.host_state):
+            log.warning("restored the %s a previous client left", what)
         log.info(
             "client %s connecting to %s:%d",
             identity.public_id,
@@ -167,8 +194,51 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
             nursery.start_soon(control.serve)
             await client.supervise()
             nursery.cancel_scope.cancel()
+        stopped_cleanly = True
         log.info("client stopped")
     finally:
         # Synchronous on purpose: undoing our changes to the host cannot be cancelled halfway.
         control.close()
         client.close()
+        if kill_switch is not None:
+            if stopped_cleanly:
+                kill_switch.release()
+                client.host_state.drop(SERVER_ADDRESSES_KEY)
+                client.host_state.drop(KILL_SWITCH_KEY)
+            else:
+                log.warning(
+                    "the kill switch stays on; `tunnel client --cleanup --config FILE` removes it"
+                )
+
+
+async def _resolve_before_closing(client: Client) -> None:
+    """Look the server's name up once before the kill switch closes: once closed, the only
+    resolver it lets through is the one behind the tunnel (a restart while closed uses the
+    addresses kept in the state file)."""
+    config = client.config
+    with trio.move_on_after(RESOLVE_PATIENCE):
+        try:
+            found = await client.platform.resolve_all(
+                config.server_host, config.server_port, key="server"
+            )
+        except NameNotResolved as exc:
+            log.warning("%s (before the kill switch closes)", exc)
+            return
+        client.supervisor.remember(found)
+
+
+def _kill_switch(config: ClientConfig) -> KillSwitch | None:
+    if not config.kill_switch:
+        return None
+    return KillSwitch(Nftables(), tun_name=config.tun_name, fwmark=config.fwmark)
+
+
+def cleanup_client(config: ClientConfig) -> list[str]:
+    """``tunnel client --cleanup``: remove what a killed client left on this host (its kill
+    switch, resolver configuration, policy routing). Returns what was removed."""
+    state = StateFile(state_path(config.state_dir, "client", config.control_socket))
+    removed = recover(SYSTEM, state)
+    if KillSwitch.cleanup(Nftables(), config.tun_name):
+        removed.append("kill switch")
+    state.drop(KILL_SWITCH_KEY)
+    return removed

@@ -2,9 +2,11 @@
 
 :class:`HostNetwork` owns the TUN device (opened with the first accepted session and kept
 across reconnects, so applications see a pause, not a vanished interface), its addresses, the
-tunnel's routes (a default route as its two halves) and, for a full tunnel, the host routes
-that keep each server address reachable outside the tunnel. Every change goes through the
-platform's host changes recorder, which :meth:`HostNetwork.close` undoes.
+tunnel's routes, the policy routing of a full tunnel (:mod:`.policyroute`), the host routes
+that keep each server address reachable outside narrower routes that cover it, and the
+resolvers the server pushed (:mod:`.dns`). Every change goes through the platform's host
+changes recorder or the DNS configurator, which :meth:`HostNetwork.close` undoes; what would
+outlive a killed client is written to its state file first (:func:`recover` undoes it).
 """
 
 from __future__ import annotations
@@ -13,24 +15,36 @@ import ipaddress
 import logging
 from typing import Any
 
+import trio
+
 from tunnel.config import ClientConfig
 from tunnel.core.messages import AuthResponse
 from tunnel.core.underlay import Route
+from tunnel.daemon.client import dns, policyroute
+from tunnel.daemon.client.dns import DnsSettings
+from tunnel.daemon.client.policyroute import PolicyRouting
 from tunnel.daemon.platform import Platform
+from tunnel.daemon.statefile import StateFile
 from tunnel.daemon.tun import TunDevice
+from tunnel.errors import TunnelError
 
 log = logging.getLogger("tunnel.client")
 
 SERVER_ROUTE = "server"  # the keys of host routes to the server in HostChanges: "server IP"
+DNS_PATIENCE = 10.0  # seconds for the resolver configuration to answer before we go on without
 
 
 class HostNetwork:
     """The TUN device, addresses and routes of the client, made and undone in one place."""
 
-    def __init__(self, config: ClientConfig, platform: Platform) -> None:
+    def __init__(self, config: ClientConfig, platform: Platform, state: StateFile) -> None:
         self.config = config
         self.platform = platform
+        self.state = state
         self.host = platform.host_changes()
+        self.policy = PolicyRouting(self.host, state, table=config.fwmark, fwmark=config.fwmark)
+        self.dns = platform.dns_configurator(state)
+        self.dns_applied: DnsSettings | None = None
         self.tun: TunDevice | None = None
         self.tun_index: int | None = None
         self.response: AuthResponse | None = None  # the one whose addresses are applied
@@ -57,6 +71,7 @@ class HostNetwork:
         else:
             # The server gave us other addresses (our lease expired): swap them.
             self.host.undo()
+            self.policy.forget()
             self._server_routes.clear()
             self._add_addresses(response)
             self._add_routes(response)
@@ -76,16 +91,52 @@ class HostNetwork:
             wanted += self.config.routes
         if response.assigned_ip6 is not None:
             wanted += self.config.routes6
-        self._tunnel_routes = wanted
+        # Default routes go into our own table (policy routing); the rest into the main table,
+        # where a host route keeps the server outside any of them that covers it.
+        through: set[int] = {net.version for net in wanted if net.prefixlen == 0}
+        blocked: set[int] = set()
+        if 4 in through and 6 not in through and not self.config.allow_ipv6_outside:
+            blocked.add(6)
+        self._tunnel_routes = [net for net in wanted if net.prefixlen != 0]
         self.keep_server_reachable()
-        for net in wanted:
-            # A default route is installed as its two halves, which win over the existing
-            # default by being more specific and leave it untouched for our return.
-            halves: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
-                list(net.subnets(prefixlen_diff=1)) if net.prefixlen == 0 else [net]
+        self.policy.install(self.tun.name, through=through, blocked=blocked)
+        for net in self._tunnel_routes:
+            self.host.add_route(net, ifname=self.tun.name)
+
+    async def apply_dns(self, response: AuthResponse) -> None:
+        """Use the resolvers the server pushed (if we accept them), or stop using them when a
+        later session brings none. A failure is logged, not fatal: the tunnel still works."""
+        if self.tun is None or self.tun_index is None:
+            return
+        wanted = (
+            DnsSettings(
+                servers=response.dns, search=response.dns_search, route_all=self.config.full_tunnel
             )
-            for half in halves:
-                self.host.add_route(half, ifname=self.tun.name)
+            if self.config.accept_dns and response.dns
+            else None
+        )
+        if wanted == self.dns_applied:
+            return
+        try:
+            with trio.fail_after(DNS_PATIENCE):
+                if wanted is None:
+                    self.dns.restore()
+                else:
+                    await self.dns.apply(self.tun.name, self.tun_index, wanted)
+        except TunnelError as exc:
+            log.error("DNS from the server not applied: %s", exc)
+            return
+        except trio.TooSlowError:
+            log.error("DNS from the server not applied: no answer within %g s", DNS_PATIENCE)
+            return
+        self.dns_applied = wanted
+        if wanted is not None:
+            log.info(
+                "DNS: %s%s (%s)",
+                ", ".join(str(a) for a in wanted.servers),
+                f", search {' '.join(wanted.search)}" if wanted.search else "",
+                self.dns.backend,
+            )
 
     def keep_server_reachable(self, addresses: list[Any] | None = None) -> None:
         """Full tunnel: keep a host route outside the tunnel to each server address we may
@@ -125,6 +176,17 @@ class HostNetwork:
                     wanted.oif,
                 )
 
+    def dns_status(self) -> dict[str, Any] | None:
+        """The resolvers in use from the server, for status (None: none applied)."""
+        applied = self.dns_applied
+        if applied is None:
+            return None
+        return {
+            "servers": [str(a) for a in applied.servers],
+            "search": list(applied.search),
+            "backend": self.dns.backend,
+        }
+
     def addresses(self) -> list[str]:
         """The tunnel addresses the server gave us, with their prefix lengths."""
         r = self.response
@@ -139,10 +201,27 @@ class HostNetwork:
 
     def close(self) -> None:
         """Undo every change to the host and close the TUN device."""
+        self.dns.restore()
         self.host.undo()
+        self.policy.forget()
         self.host.close()
         if self.tun is not None:
             self.tun.close()
+
+
+def recover(platform: Platform, state: StateFile) -> list[str]:
+    """Undo what a killed client left on the host (its resolver configuration, its policy
+    routing); returns what was undone, for the log and ``--cleanup``."""
+    undone = []
+    if dns.recover(state):
+        undone.append("DNS configuration")
+    host = platform.host_changes()
+    try:
+        if policyroute.recover(host, state):
+            undone.append("policy routing")
+    finally:
+        host.close()
+    return undone
 
 
 def ip_of(address: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -364,7 +364,11 @@ class ClientSession(Channel):
         """
         family = self.endpoint.family
         fresh = await self.services.platform.open_udp(
-            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
+            "::" if family == socket.AF_INET6 else "0.0.0.0",
+            0,
+            key="server",
+            family=family,
+            mark=self.services.config.fwmark,
         )
         old, self.endpoint = self.endpoint, fresh
         old.close()

@@ -11,7 +11,9 @@ handshake short.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import socket
 from typing import Any
 
@@ -34,11 +36,20 @@ from tunnel.errors import (
     EXIT_TEMPORARY,
     HandshakeTimeout,
     IdentityMismatch,
+    NameNotResolved,
     SessionLost,
     TunnelError,
 )
 
 log = logging.getLogger("tunnel.client")
+
+RESOLVE_PATIENCE = 5.0  # seconds a fresh lookup may take when an earlier answer is at hand
+SERVER_ADDRESSES_KEY = "server_addresses"  # in the state file, with a kill switch
+
+
+def json_form(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 class GaveUp(TunnelError):
@@ -75,6 +86,7 @@ class Supervisor:
         self._network_gained = trio.Event()
         self._attempt_scope: trio.CancelScope | None = None
         self._won_last: Any = None  # the address that won the last race: tried first next time
+        self._resolved: list[Any] = self._recall()  # the server's addresses as last resolved
         self._last_rtt: float | None = None
 
     async def run(self) -> None:
@@ -186,9 +198,7 @@ class Supervisor:
         the verified winner authenticates and runs. Returns never; raises SessionLost (or a
         permanent error) when the session ends."""
         self.state = "connecting"
-        candidates = await self.platform.resolve_all(
-            self.config.server_host, self.config.server_port, key="server", prefer=self._won_last
-        )
+        candidates = await self._server_addresses()
         # Outside the tunnel before the first packet, for every address the race may try.
         self.network.keep_server_reachable([address for _, address in candidates])
         began = trio.current_time()
@@ -212,8 +222,56 @@ class Supervisor:
                         f"within {self.config.handshake_timeout:g} s"
                     ) from None
                 if response is not None:
-                    self._start_session(session, response, began, nursery)
+                    await self._start_session(session, response, began, nursery)
                 await trio.sleep_forever()  # until the session's task raises its end
+
+    async def _server_addresses(self) -> list[Any]:
+        """Every address of the server, resolved afresh; when that fails or is slow and an
+        earlier answer is at hand, that one. Name lookups may be what is down: the pushed
+        resolver sits behind the tunnel we are reconnecting, and a kill switch refuses the
+        others, so insisting on a fresh answer could keep the client out for good."""
+        config = self.config
+        with trio.move_on_after(RESOLVE_PATIENCE if self._resolved else math.inf):
+            try:
+                found = await self.platform.resolve_all(
+                    config.server_host, config.server_port, key="server", prefer=self._won_last
+                )
+            except NameNotResolved as exc:
+                if not self._resolved:
+                    raise
+                log.warning("%s; trying the addresses it had before", exc)
+                return self._resolved
+            self.remember(found)
+            return found
+        log.warning(
+            "server: no answer for %r within %g s; trying the addresses it had before",
+            config.server_host,
+            RESOLVE_PATIENCE,
+        )
+        return self._resolved
+
+    def remember(self, addresses: list[Any]) -> None:
+        """The server's addresses, as just resolved: used when a later lookup fails. With a
+        kill switch they are also kept in the state file, for a restart while it is closed
+        (the switch refuses lookups through any resolver but the tunnel's)."""
+        self._resolved = addresses
+        if not self.config.kill_switch:
+            return
+        record = {"server": self._server_name(), "addresses": [list(a) for a in addresses]}
+        if self.network.state.get(SERVER_ADDRESSES_KEY) != json_form(record):
+            self.network.state.put(SERVER_ADDRESSES_KEY, record)
+
+    def _recall(self) -> list[Any]:
+        record = self.network.state.get(SERVER_ADDRESSES_KEY) if self.config.kill_switch else None
+        if not isinstance(record, dict) or record.get("server") != self._server_name():
+            return []
+        try:
+            return [(int(family), tuple(address)) for family, address in record["addresses"]]
+        except (KeyError, TypeError, ValueError):
+            return []
+
+    def _server_name(self) -> str:
+        return f"{self.config.server_host}:{self.config.server_port}"
 
     async def _attempt(
         self, candidate: Any, *, task_status: trio.TaskStatus[ClientSession]
@@ -223,7 +281,11 @@ class Supervisor:
         family, addr = candidate
         log.debug("handshake with %s", format_address(addr))
         endpoint = await self.platform.open_udp(
-            "::" if family == socket.AF_INET6 else "0.0.0.0", 0, key="server", family=family
+            "::" if family == socket.AF_INET6 else "0.0.0.0",
+            0,
+            key="server",
+            family=family,
+            mark=self.config.fwmark,
         )
         session = ClientSession(self.services, endpoint, addr)
         try:
@@ -246,15 +308,17 @@ class Supervisor:
             if self.session is session:
                 self._last_rtt = smoothed_rtt(session.quic)
 
-    def _start_session(
+    async def _start_session(
         self,
         session: ClientSession,
         response: AuthResponse,
         began: float,
         nursery: trio.Nursery,
     ) -> None:
-        """The server accepted us: TUN device, addresses and routes, then the data pumps."""
+        """The server accepted us: TUN device, addresses, routes and resolvers, then the data
+        pumps."""
         self.network.apply(response, monitor=self.monitor)
+        await self.network.apply_dns(response)
         tun = self.network.tun
         session.own_addresses = frozenset(
             a.packed for a in (response.assigned_ip, response.assigned_ip6) if a is not None

@@ -35,6 +35,7 @@ from tunnel.core.identity import Identity
 from tunnel.core.ippool import AddressPool
 from tunnel.core.nat64 import Nat64
 from tunnel.core.tokens import TokenSet
+from tunnel.daemon.nft import MASQUERADE_STATE_KEY, Masquerade, Nftables
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import ResetTokens, TicketStore, server_configuration
 from tunnel.daemon.runtime import (
@@ -51,6 +52,7 @@ from tunnel.daemon.server.introducer import Introducer
 from tunnel.daemon.server.session import ServerSession, SessionServices
 from tunnel.daemon.server.sessions import SessionTable
 from tunnel.daemon.session import Channel, Drops, transmit_touched
+from tunnel.daemon.statefile import state_path
 from tunnel.daemon.udp import UdpEndpoint, format_address
 from tunnel.errors import TunnelError
 from tunnel.keyfile import read_key_file
@@ -178,7 +180,10 @@ class Server:
             log.error("SIGHUP: %s; keeping the running configuration", exc)
             return
         self.authority.reload(
-            tokens=TokenSet(fresh.auth_tokens), allowed_clients=fresh.allowed_clients
+            tokens=TokenSet(fresh.auth_tokens),
+            allowed_clients=fresh.allowed_clients,
+            dns=fresh.dns,
+            dns_search=fresh.dns_search,
         )
         self._reload_client_to_client(fresh.client_to_client)
         revoked = self.revoke_failing()
@@ -278,6 +283,8 @@ def _authority(config: ServerConfig, identity: Identity) -> Authority:
         else None,
         mtu=config.mtu,
         lease_grace=config.lease_grace,
+        dns=config.dns,
+        dns_search=config.dns_search,
     )
 
 
@@ -322,6 +329,12 @@ async def run_server(
     with contextlib.ExitStack() as undo:
         # Synchronous undo on purpose: it cannot be cancelled halfway.
         undo.callback(control.close)
+        await control.bind()
+        state = platform.state_file(state_path(config.state_dir, "server", config.control_socket))
+        if state.get(MASQUERADE_STATE_KEY) is not None and Masquerade.recover(
+            Nftables(), config.tun_name, state
+        ):
+            log.warning("removed the masquerade and forwarding a previous server left")
         tun = platform.open_tun(config.tun_name)
         undo.callback(tun.close)
         host_changes = platform.host_changes()
@@ -336,9 +349,17 @@ async def run_server(
         pools = [p for p in (server.authority.pool4, server.authority.pool6) if p is not None]
         for pool in pools:
             host_changes.add_address(tun.name, pool.server_ip, pool.network.prefixlen)
+        if config.masquerade and pools:
+            masquerade = Masquerade(
+                Nftables(),
+                tun_name=tun.name,
+                pools=[p.network for p in pools if p.network.version == 4],
+                state=state,
+            )
+            masquerade.start()
+            undo.callback(masquerade.stop)
         if server.forwarder.nat64 is not None:
             _prepare_nat64(server, host_changes, tun.name)
-        await control.bind()
         log.info(
             "server %s listening on %s, %s up (%s)",
             identity.public_id,
