@@ -1,5 +1,6 @@
 """A client that sends everything through the tunnel (routes 0.0.0.0/0 and ::/0) while its path
-to the server goes through a router: the tunnel must not swallow its own path.
+to the server goes through a router: the tunnel must not swallow its own path (policy routing:
+the client's marked QUIC packets skip the tunnel's table).
 
     client 10.76.0.2 ── router 10.76.0.1 | 10.77.0.254 ── server 10.77.0.1 (+ 10.200.0.1 on lo)
 """
@@ -80,15 +81,19 @@ async def test_default_route_through_the_tunnel_keeps_the_server_reachable(
                 nursery, routed.client, tunnel("client", "--config", str(client_config)),
                 name="client",
             )  # fmt: skip
-            table = {
-                (r["dst"], r.get("dev"), r.get("gateway")) for r in routes(routed.client, "-4")
-            }
-            assert ("0.0.0.0/1", "tnlcli0", None) in table, table
-            assert ("128.0.0.0/1", "tnlcli0", None) in table, table
-            # the host route that keeps the server outside the tunnel
-            assert ("10.77.0.1", _dev_to_router(routed), "10.76.0.1") in table, table
-            table6 = {r["dst"] for r in routes(routed.client, "-6")}
-            assert {"::/1", "8000::/1"} <= table6, table6
+            # Nothing of ours in the main table but the tunnel's own network: the defaults go
+            # into our table, which every packet but our marked QUIC ones looks up first.
+            assert routes(routed.client, "-4") == before4 + [
+                r for r in routes(routed.client, "-4") if r.get("dev") == "tnlcli0"
+            ]
+            for family in ("-4", "-6"):
+                ours = ip_json(routed.client, family, "route", "show", "table", "51830")
+                assert [(r["dst"], r.get("dev")) for r in ours] == [("default", "tnlcli0")], ours
+                rules = ip_json(routed.client, family, "rule", "show")
+                assert {"priority": 32765, "src": "all", "not": None, "fwmark": "0xca76",
+                        "table": "51830"} in rules, rules  # fmt: skip
+                assert {"priority": 32764, "src": "all", "table": "main",
+                        "suppress_prefixlen": 0} in rules, rules  # fmt: skip
 
             # Everything goes through the tunnel, and the tunnel keeps working: pings to an
             # address that exists only behind the server, for longer than the heartbeat timeout.
@@ -103,8 +108,7 @@ async def test_default_route_through_the_tunnel_keeps_the_server_reachable(
             assert await client.wait() == 0, client.describe()
     assert routes(routed.client, "-4") == before4
     assert routes(routed.client, "-6") == before6
-
-
-def _dev_to_router(routed: Routed) -> str:
-    (route,) = [r for r in routes(routed.client, "-4") if r["dst"] == "default"]
-    return route["dev"]
+    for family in ("-4", "-6"):
+        assert ip_json(routed.client, family, "route", "show", "table", "51830") == []
+        assert all(r["priority"] not in (32764, 32765)
+                   for r in ip_json(routed.client, family, "rule", "show"))  # fmt: skip

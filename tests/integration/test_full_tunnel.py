@@ -23,6 +23,7 @@ import attrs
 import pytest
 import trio
 
+from tests.support.dbus import private_system_bus
 from tests.support.netns import (
     Daemon,
     Netns,
@@ -220,9 +221,8 @@ async def test_pushed_dns_is_applied_and_restored_on_sigterm_and_after_sigkill(
 async def test_pushed_dns_goes_to_systemd_resolved_over_dbus(
     exitnet: ExitNet, files: TunnelFiles, creds: dict[str, Any]
 ) -> None:
-    from tests.support.dbus import resolved_stand_in
-
-    with resolved_stand_in(files.dir / "bus") as (bus, record), trio.fail_after(TEST_TIMEOUT):
+    with private_system_bus() as (bus, record), trio.fail_after(TEST_TIMEOUT):
+        assert record is not None
         async with open_daemon_nursery() as nursery:
             await start_server(
                 nursery, exitnet,
