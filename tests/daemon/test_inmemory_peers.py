@@ -1000,6 +1000,29 @@ async def test_a_name_that_stops_resolving_is_reached_at_its_last_addresses(auto
             nursery.cancel_scope.cancel()
 
 
+async def test_with_a_kill_switch_a_restart_finds_the_server_at_the_addresses_kept(autojump_clock):
+    """Closed by the kill switch, a restarted client cannot look the name up through the
+    network's resolver: it uses the addresses the previous run kept in its state file."""
+    network = FakeNetwork()
+    platform = FakePlatform(network, "198.51.100.2")
+    platform.names["vpn.example"] = [SERVER_ADDR[0]]
+    config = client_config(
+        server=f"vpn.example:{SERVER_ADDR[1]}", kill_switch=True, tun_name="vpn0"
+    )
+    with trio.fail_after(60):
+        async with running_server(network):
+            for run in ("first", "after a crash"):
+                client = Client(config, Identity.generate(), RunOptions(), platform)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.supervise)
+                    await client.connected.wait()
+                    nursery.cancel_scope.cancel()
+                kept = platform.state.get("server_addresses")
+                assert kept["server"] == f"vpn.example:{SERVER_ADDR[1]}", run
+                assert [a[1][0] for a in kept["addresses"]] == [SERVER_ADDR[0]], run
+                platform.names["vpn.example"] = []  # no lookup gets through any more
+
+
 async def test_version_negotiation_only_for_full_size_datagrams_and_rate_limited(autojump_clock):
     network = FakeNetwork()
     async with running_server(network):
