@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 import tunnel
 from tunnel import cli
-from tunnel.cli import main, render_status
+from tunnel.cli import build_parser, log_formatter, main, render_status
 from tunnel.config import ClientConfig, RunOptions, ServerConfig
 from tunnel.core.identity import Identity, decode_public_id
 from tunnel.core.tokens import new_token, validate_token
@@ -400,16 +401,44 @@ STATUS = {
 
 
 def fake_query_status(monkeypatch, result: Any = None, error: BaseException | None = None):
-    asked: list[Path] = []
+    """A stand-in control client: records the socket each request went to (and the request,
+    in ``asked.requests``) and answers ``result`` or raises ``error``."""
+    asked: Any = _Asked()
 
-    async def query_status(socket_path: Path) -> Any:
+    async def request(socket_path: Path, message: dict[str, Any]) -> Any:
         asked.append(socket_path)
+        asked.requests.append(message)
         if error is not None:
             raise error
         return result
 
-    fake_module(monkeypatch, "tunnel.daemon.control", query_status=query_status)
+    fake_module(monkeypatch, "tunnel.daemon.control", request=request)
     return asked
+
+
+class _Asked(list):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[dict[str, Any]] = []
+
+
+def test_kick_reload_and_metrics_send_their_requests(capsys, monkeypatch, tmp_path) -> None:
+    sock = tmp_path / "s.sock"
+    sock.touch()
+    asked = fake_query_status(monkeypatch, {"kicked": 2})
+    assert main(["kick", "alice", "--reason", "rotating keys", "--socket", str(sock)]) == 0
+    assert asked.requests[-1] == {"request": "kick", "client": "alice", "reason": "rotating keys"}
+    assert "closed 2 session(s) of alice" in capsys.readouterr().out
+    asked = fake_query_status(
+        monkeypatch, {"changed": ["auth_tokens"], "revoked": 1, "need_restart": ["mtu"]}
+    )
+    assert main(["reload", "--socket", str(sock)]) == 0
+    assert asked.requests[-1] == {"request": "reload"}
+    out = capsys.readouterr().out
+    assert "changed: auth_tokens" in out and "revoked: 1" in out and "restart" in out
+    fake_query_status(monkeypatch, {"text": "tunnel_sessions 3\n"})
+    assert main(["metrics", "--socket", str(sock)]) == 0
+    assert capsys.readouterr().out == "tunnel_sessions 3\n"
 
 
 def test_status_text(capsys, monkeypatch, tmp_path) -> None:
@@ -528,3 +557,36 @@ def test_status_against_a_socket_nobody_listens_on(capsys, tmp_path) -> None:
         code, out, err = run(capsys, "status", "--socket", str(path))
     assert (code, out) == (111, "")
     assert err == f"tunnel: no daemon is listening on {path}\n"
+
+
+def _record(message: str, client: str | None = None) -> logging.LogRecord:
+    record = logging.LogRecord("tunnel.server", logging.WARNING, __file__, 1, message, (), None)
+    if client is not None:
+        record.client = client
+    return record
+
+
+def test_json_log_lines_carry_level_message_and_the_client(monkeypatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    args = build_parser().parse_args(["server", "--config", "s.toml", "--log-format", "json"])
+    formatter = log_formatter(args)
+    line = json.loads(formatter.format(_record("session up", client="alice")))
+    assert line["level"] == "warning" and line["message"] == "session up"
+    assert line["client"] == "alice" and "time" in line
+    assert "client" not in json.loads(formatter.format(_record("listening")))
+
+
+def test_timestamps_are_left_to_the_journal_or_to_the_flag(monkeypatch) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    args = build_parser().parse_args(["client", "--config", "c.toml"])
+    assert log_formatter(args).format(_record("hi", client="bob")) == (
+        "WARNING tunnel.server: [bob] hi"
+    )
+    json_args = build_parser().parse_args(["client", "--config", "c.toml", "--log-format", "json"])
+    assert "time" not in json.loads(log_formatter(json_args).format(_record("hi")))
+    monkeypatch.delenv("JOURNAL_STREAM")
+    flagged = build_parser().parse_args(["client", "--config", "c.toml", "--no-timestamps"])
+    assert log_formatter(flagged).format(_record("hi")) == "WARNING tunnel.server: hi"
+    timed = log_formatter(build_parser().parse_args(["client", "--config", "c.toml"]))
+    assert timed.format(_record("hi")).endswith(" WARNING tunnel.server: hi")
+    assert timed.format(_record("hi"))[:4].isdigit()  # the year first

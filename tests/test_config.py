@@ -184,6 +184,16 @@ SERVER_ERRORS = [
      "is not a domain name"),
     ({"dns_search": ["corp.example"]}, "dns_search", "needs 'dns'"),
     ({"masquerade": "yes"}, "masquerade", "must be a boolean"),
+    ({"clients": {"alice": "abc"}}, "clients.alice", "must be 52 characters"),
+    ({"clients": {"alice": 5}}, "clients.alice", "must be a public ID string"),
+    ({"clients": {"bad name": CLIENT_ID}}, "clients", "is not a name"),
+    ({"clients": {"a": CLIENT_ID, "b": CLIENT_ID}}, "clients.b", "names the same client as 'a'"),
+    ({"clients": ["x"]}, "clients", "must be a table"),
+    ({"control_socket_mode": "0666"}, "control_socket_mode", "no access for others"),
+    ({"control_socket_mode": "0460"}, "control_socket_mode", "the owner needs read and write"),
+    ({"control_socket_mode": "rw"}, "control_socket_mode", "is not an octal mode"),
+    ({"control_socket_mode": 432}, "control_socket_mode", "must be a string"),
+    ({"control_socket_group": "a b"}, "control_socket_group", "is not a group name"),
     ({"network": DELETE, "network6": "fd00::/64", "masquerade": True}, "masquerade",
      "needs 'network'"),
 ]  # fmt: skip
@@ -498,13 +508,14 @@ _SERVER_KEY_NAMES = sorted(
     {*SERVER_BASE, "listen", "server_ip", "network6", "server_ip6", "auth_tokens_file",
      "allowed_clients", "mtu", "max_clients", "max_sessions_per_client", "client_to_client",
      "tun_name", "control_socket", "handshake_timeout", "lease_grace", "nat64", "dns",
-     "dns_search", "masquerade", "state_dir"}
+     "dns_search", "masquerade", "state_dir", "clients", "control_socket_mode",
+     "control_socket_group"}
 )  # fmt: skip
 _CLIENT_KEY_NAMES = sorted(
     {*CLIENT_BASE, "auth_token", "auth_token_file", "key_file", "routes", "routes6", "mtu",
      "auto_reconnect", "max_reconnect_attempts", "heartbeat_interval", "heartbeat_timeout",
      "tun_name", "control_socket", "handshake_timeout", "accept_dns", "kill_switch",
-     "allow_ipv6_outside", "fwmark", "state_dir"}
+     "allow_ipv6_outside", "fwmark", "state_dir", "control_socket_mode", "control_socket_group"}
 )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tunnel import __version__
 from tunnel.config import (
@@ -126,17 +127,18 @@ def _status_socket(args: argparse.Namespace) -> Path:
     return server if _socket_exists(server) else client
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, message: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the daemon that ``--socket``/``--config`` names; its answer."""
     path = _status_socket(args)
     not_listening = TunnelError(f"no daemon is listening on {path}")
     if not _socket_exists(path):
         raise not_listening
     import trio
 
-    from tunnel.daemon.control import query_status
+    from tunnel.daemon.control import request
 
     try:
-        status = trio.run(query_status, path)
+        return trio.run(request, path, message)
     except (OSError, BaseExceptionGroup) as exc:
         leaves = _leaves(exc)
         if all(isinstance(e, FileNotFoundError | ConnectionRefusedError) for e in leaves):
@@ -145,10 +147,39 @@ def _cmd_status(args: argparse.Namespace) -> int:
             reason = leaves[0].strerror or leaves[0]  # type: ignore[attr-defined]
             raise TunnelError(f"{path}: cannot query the daemon: {reason}") from None
         raise
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = _ask(args, {"request": "status"})
     if args.json:
         print(json.dumps(status, indent=2))
     else:
         print(render_status(status), end="")
+    return EXIT_OK
+
+
+def _cmd_kick(args: argparse.Namespace) -> int:
+    answer = _ask(args, {"request": "kick", "client": args.client, "reason": args.reason})
+    print(f"closed {answer.get('kicked', 0)} session(s) of {args.client}")
+    return EXIT_OK
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    answer = _ask(args, {"request": "reload"})
+    changed = answer.get("changed") or []
+    print(f"changed: {', '.join(map(str, changed)) or 'nothing'}")
+    print(f"sessions revoked: {answer.get('revoked', 0)}")
+    if answer.get("need_restart"):
+        print(f"need a restart to apply: {', '.join(map(str, answer['need_restart']))}")
+    return EXIT_OK
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    answer = _ask(args, {"request": "metrics"})
+    text = answer.get("text")
+    if not isinstance(text, str):
+        raise TunnelError("the daemon sent no metrics")
+    print(text, end="")
     return EXIT_OK
 
 
@@ -347,6 +378,18 @@ def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="write a newline to file descriptor N and close it once ready",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object a line (default: text)",
+    )
+    parser.add_argument(
+        "--no-timestamps",
+        action="store_true",
+        help="leave the time out of log lines, for a supervisor that adds its own (s6-log,"
+        " svlogd); automatic under systemd (JOURNAL_STREAM)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,20 +430,89 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the state of a running daemon")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--socket", type=Path, metavar="PATH", help="control socket")
-    status.add_argument(
-        "--config", type=Path, metavar="FILE", help="take the control socket from this config"
-    )
+    _add_socket_options(status)
     status.set_defaults(func=_cmd_status)
+
+    kick = commands.add_parser(
+        "kick", help="close a client's sessions on a running server (it may connect again)"
+    )
+    kick.add_argument("client", metavar="CLIENT", help="public ID, or name from [clients]")
+    kick.add_argument("--reason", default="", help="told to the client and logged")
+    _add_socket_options(kick)
+    kick.set_defaults(func=_cmd_kick)
+
+    reload = commands.add_parser(
+        "reload", help="re-read a running server's config, as SIGHUP does; say what changed"
+    )
+    _add_socket_options(reload)
+    reload.set_defaults(func=_cmd_reload)
+
+    metrics = commands.add_parser(
+        "metrics", help="print a running daemon's metrics (Prometheus text format)"
+    )
+    _add_socket_options(metrics)
+    metrics.set_defaults(func=_cmd_metrics)
     return parser
 
 
-class _Formatter(logging.Formatter):
-    """One line per event, with an ISO 8601 local time to the millisecond."""
+def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, metavar="PATH", help="control socket")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="take the control socket from this config"
+    )
+
+
+def log_formatter(args: argparse.Namespace) -> logging.Formatter:
+    """The daemons' log format: ``--log-format``, with timestamps unless ``--no-timestamps``
+    or the journal (``JOURNAL_STREAM``) adds its own."""
+    timestamps = not (args.no_timestamps or os.environ.get("JOURNAL_STREAM"))
+    if args.log_format == "json":
+        return JsonFormatter(timestamps=timestamps)
+    return TextFormatter(timestamps=timestamps)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per event, with an ISO 8601 local time to the millisecond (or none); a
+    session's lines start with ``[client]``."""
+
+    def __init__(self, *, timestamps: bool) -> None:
+        super().__init__(_LOG_FORMAT if timestamps else _LOG_FORMAT.split(" ", 1)[1])
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        moment = datetime.fromtimestamp(record.created).astimezone()
-        return moment.isoformat(timespec="milliseconds")
+        return _local_time(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        client = getattr(record, "client", None)
+        if client is not None:
+            record.message = f"[{client}] {record.message}"
+        return super().formatMessage(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per event: ``time`` (unless left out), ``level``, ``logger``,
+    ``message``, and ``client`` on the lines of one session (its name or short ID)."""
+
+    def __init__(self, *, timestamps: bool) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {}
+        if self.timestamps:
+            entry["time"] = _local_time(record)
+        entry["level"] = record.levelname.lower()
+        entry["logger"] = record.name
+        entry["message"] = record.getMessage()
+        client = getattr(record, "client", None)
+        if client is not None:
+            entry["client"] = client
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _local_time(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -447,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A handler made now writes to the current sys.stderr (which tests may have replaced);
     # removed again on the way out so repeated calls do not stack handlers.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(_LOG_FORMAT))
+    handler.setFormatter(log_formatter(args) if daemon else TextFormatter(timestamps=True))
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(level.upper())

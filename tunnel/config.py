@@ -68,6 +68,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/tunnel")
 # The mark on the client's own QUIC sockets, and the number of its routing table (wg-quick's
 # way: one number for both).
 DEFAULT_FWMARK = 51830
+DEFAULT_SOCKET_MODE = 0o660
+MAX_CLIENT_NAMES = 65536
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
 NAT64_WELL_KNOWN_PREFIX = IPv6Network("64:ff9b::/96")
 _IFNAMSIZ = 16  # Linux interface names are at most 15 bytes plus NUL
 _MAX_FILE_SIZE = 1 << 20  # config and token files are small; refuse to slurp a huge one
@@ -133,6 +136,12 @@ class ServerConfig:
     masquerade: bool = False
     """Be the clients' exit: forward their IPv4 traffic and masquerade it with our address."""
     state_dir: Path = DEFAULT_STATE_DIR
+    clients: Mapping[str, bytes] = attrs.field(factory=dict)
+    """The operator's names for client keys ([clients]: name = public ID), for status, logs,
+    metrics and ``tunnel kick NAME``."""
+    control_socket_mode: int = DEFAULT_SOCKET_MODE
+    control_socket_group: str | None = None
+    """Group owning the control socket: its members may read status (not kick or reload)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -169,6 +178,8 @@ class ClientConfig:
     fwmark: int = DEFAULT_FWMARK
     """The mark of our QUIC sockets and the number of our routing table."""
     state_dir: Path = DEFAULT_STATE_DIR
+    control_socket_mode: int = DEFAULT_SOCKET_MODE
+    control_socket_group: str | None = None
 
     @property
     def full_tunnel(self) -> bool:
@@ -491,7 +502,7 @@ _SERVER_KEYS = frozenset(
         "auth_tokens", "auth_tokens_file", "allowed_clients", "mtu", "max_clients",
         "max_sessions_per_client", "client_to_client", "tun_name", "control_socket",
         "handshake_timeout", "lease_grace", "nat64", "dns", "dns_search", "masquerade",
-        "state_dir",
+        "state_dir", "clients", "control_socket_mode", "control_socket_group",
     }
 )  # fmt: skip
 _NAT64_KEYS = frozenset(
@@ -575,7 +586,54 @@ def server_config_from_dict(
         dns_search=_dns_search(t),
         masquerade=masquerade,
         state_dir=t.path("state_dir", DEFAULT_STATE_DIR),
+        clients=_client_names(t),
+        control_socket_mode=_socket_mode(t),
+        control_socket_group=_socket_group(t),
     )
+
+
+def _client_names(parent: _Table) -> dict[str, bytes]:
+    table = parent.table("clients")
+    if len(table) > MAX_CLIENT_NAMES:
+        raise parent.error("clients", f"names {len(table)} clients; at most {MAX_CLIENT_NAMES}")
+    names: dict[str, bytes] = {}
+    seen: dict[bytes, str] = {}
+    for name, value in table.items():
+        where = f"clients.{name}" if _CLIENT_NAME.fullmatch(name) else "clients"
+        if not _CLIENT_NAME.fullmatch(name):
+            raise parent.error(where, f"{name!r} is not a name (letters, digits, . _ @ -)")
+        if not isinstance(value, str):
+            raise parent.error(where, f"must be a public ID string, not {_toml_type(value)}")
+        try:
+            key = decode_public_id(value)
+        except (ValueError, ConfigError) as exc:
+            raise parent.error(where, str(exc)) from None
+        if key in seen:
+            raise parent.error(where, f"names the same client as {seen[key]!r}")
+        seen[key] = name
+        names[name] = key
+    return names
+
+
+def _socket_mode(t: _Table) -> int:
+    text = t.string("control_socket_mode", None)
+    if text is None:
+        return DEFAULT_SOCKET_MODE
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise t.error("control_socket_mode", f'{text!r} is not an octal mode like "0660"')
+    mode = int(text, 8)
+    if mode & 0o600 != 0o600:
+        raise t.error("control_socket_mode", f"{text!r}: the owner needs read and write")
+    if mode & 0o007:
+        raise t.error("control_socket_mode", f"{text!r}: no access for others (use a group)")
+    return mode
+
+
+def _socket_group(t: _Table) -> str | None:
+    group = t.string("control_socket_group", None)
+    if group is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]+", group):
+        raise t.error("control_socket_group", f"{group!r} is not a group name or number")
+    return group
 
 
 def _dns_servers(t: _Table) -> tuple[IPv4Address | IPv6Address, ...]:
@@ -659,7 +717,7 @@ _CLIENT_KEYS = frozenset(
         "routes6", "mtu", "auto_reconnect", "peer_to_peer", "max_reconnect_attempts",
         "heartbeat_interval", "heartbeat_timeout", "tun_name", "control_socket",
         "handshake_timeout", "accept_dns", "kill_switch", "allow_ipv6_outside", "fwmark",
-        "state_dir",
+        "state_dir", "control_socket_mode", "control_socket_group",
     }
 )  # fmt: skip
 
@@ -718,6 +776,8 @@ def client_config_from_dict(
         allow_ipv6_outside=t.boolean("allow_ipv6_outside", False),
         fwmark=t.integer("fwmark", DEFAULT_FWMARK, lo=1, hi=0xFFFF_FFFF),
         state_dir=t.path("state_dir", DEFAULT_STATE_DIR),
+        control_socket_mode=_socket_mode(t),
+        control_socket_group=_socket_group(t),
     )
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "CLOSE_IDENTITY",
     "CLOSE_RATE_LIMITED",
     "CLOSE_INTERNAL",
+    "CLOSE_KICKED",
     "ALPN",
     "PEER_ALPN",
     "DATAGRAM_PING",
@@ -128,6 +129,7 @@ CLOSE_SHUTDOWN = 0x104  # the server is stopping
 CLOSE_IDENTITY = 0x105  # the client refused the server's identity
 CLOSE_RATE_LIMITED = 0x106  # too many failed attempts: temporary for the client
 CLOSE_INTERNAL = 0x107  # something failed on our side while handling this connection
+CLOSE_KICKED = 0x108  # the operator closed this session (`tunnel kick`): the client may return
 
 NONCE_SIZE = 32
 BINDING_SIZE = 32

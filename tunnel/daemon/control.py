@@ -1,4 +1,5 @@
-"""The client side of the control socket: what ``tunnel status`` asks a running daemon."""
+"""The client side of the control socket: what ``tunnel status``, ``metrics``, ``kick`` and
+``reload`` ask a running daemon."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ from tunnel.errors import TunnelError
 
 async def query_status(path: Path) -> dict[str, Any]:
     """Ask the daemon listening on ``path`` for its status."""
+    return await request(path, {"request": "status"})
+
+
+async def request(path: Path, message: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the daemon listening on ``path``; its answer. An answer with an
+    ``error`` raises :class:`TunnelError` with it."""
+    answer = await _exchange(path, json.dumps(message).encode() + b"\n")
+    if message.get("request") != "status" and isinstance(answer.get("error"), str):
+        raise TunnelError(f"{path}: {answer['error']}")
+    return answer
+
+
+async def _exchange(path: Path, data: bytes) -> dict[str, Any]:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with sock:
         try:
@@ -25,7 +39,7 @@ async def query_status(path: Path) -> dict[str, Any]:
                 raise TunnelError(f"no daemon is listening on {path}") from exc
             raise TunnelError(f"{path}: {exc.strerror}") from exc
         with trio.fail_after(5):
-            await send_all(sock, b"status\n")
+            await send_all(sock, data)
             chunks = []
             while chunk := await sock.recv(65536):
                 chunks.append(chunk)

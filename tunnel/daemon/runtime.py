@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import grp
+import inspect
 import json
 import logging
 import os
 import signal
 import socket
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,7 +78,7 @@ def check_ready_fd(ready_fd: int | None) -> None:
 
 
 async def watch_signals(
-    cancel_scope: trio.CancelScope, on_hup: Callable[[], None] | None = None
+    cancel_scope: trio.CancelScope, on_hup: Callable[[], object] | None = None
 ) -> None:
     """SIGINT/SIGTERM end the daemon cleanly (cancel its scope); SIGHUP calls ``on_hup``."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -136,15 +139,41 @@ def _prepare_socket_path(path: Path) -> None:
         probe.close()
 
 
-class ControlServer:
-    """Answers ``status`` on a Unix socket with the daemon's JSON status."""
+Handler = Callable[[dict[str, Any]], Any]
+"""A control request's handler: the request object in, a JSON-able dict out (or an awaitable
+of one); a :class:`TunnelError` becomes ``{"error": message}``."""
 
-    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+# Requests that change the daemon: only root or the daemon's own user may send them, whoever
+# else the socket's mode and group let read the status.
+PRIVILEGED_REQUESTS = frozenset({"kick", "reload"})
+
+
+class ControlServer:
+    """Answers JSON requests on a Unix socket, one a connection: ``{"request": "status"}``
+    (also the bare word ``status``, as earlier versions sent it) and whatever else the daemon
+    registers (``metrics``, ``kick``, ``reload``). The socket's mode and group are the
+    config's; the requests in :data:`PRIVILEGED_REQUESTS` need the peer to be root or the
+    daemon's own user (SO_PEERCRED), so a group may read status without being able to kick."""
+
+    def __init__(
+        self,
+        path: Path,
+        status: Callable[[], dict[str, Any]],
+        *,
+        mode: int = 0o660,
+        group: int | None = None,
+    ) -> None:
         self.path = path
-        self._status = status
+        self.handlers: dict[str, Handler] = {"status": lambda _request: status()}
+        self.mode = mode
+        self.group = group
         _prepare_socket_path(path)
         self._listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._bound = False
+
+    def handle(self, name: str, handler: Handler) -> None:
+        """Answer requests named ``name`` with ``handler``."""
+        self.handlers[name] = handler
 
     async def bind(self) -> None:
         try:
@@ -155,7 +184,15 @@ class ControlServer:
                 f"control_socket: cannot bind {self.path}: {exc.strerror}"
             ) from exc
         self._bound = True
-        os.chmod(self.path, 0o660)
+        try:
+            if self.group is not None:
+                os.chown(self.path, -1, self.group)
+            os.chmod(self.path, self.mode)
+        except OSError as exc:
+            self.close()
+            raise SystemSetupError(
+                f"control_socket: cannot set the owner or mode of {self.path}: {exc.strerror}"
+            ) from exc
         self._listener.listen(16)
 
     def close(self) -> None:
@@ -173,17 +210,80 @@ class ControlServer:
     async def _answer(self, conn: trio.socket.SocketType) -> None:
         with conn, trio.move_on_after(5):
             try:
-                request = await conn.recv(CONTROL_REQUEST_MAX)
-                if request.strip() == b"status":
-                    reply = json.dumps(self._status()).encode() + b"\n"
-                else:
-                    reply = json.dumps({"error": "unknown request"}).encode() + b"\n"
-                await send_all(conn, reply)
+                request = parse_request(await _read_request(conn))
+                reply = await self._reply(request, _peer_uid(conn))
+                await send_all(conn, json.dumps(reply).encode() + b"\n")
             except OSError as exc:
                 log.debug("control connection: %s", exc)
             except Exception:
-                # A bug in producing the status must not take the daemon down with it.
+                # A bug in producing an answer must not take the daemon down with it.
                 log.exception("control request failed")
+
+    async def _reply(self, request: dict[str, Any] | str, uid: int | None) -> dict[str, Any]:
+        if isinstance(request, str):
+            return {"error": request}
+        name = request["request"]
+        handler = self.handlers.get(name)
+        if handler is None:
+            return {"error": f"unknown request {name!r}"}
+        if name in PRIVILEGED_REQUESTS and uid not in (0, os.geteuid()):
+            return {"error": f"{name!r} needs root or the daemon's own user"}
+        try:
+            answer = handler(request)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except TunnelError as exc:
+            return {"error": str(exc)}
+        return dict(answer)
+
+
+async def _read_request(conn: trio.socket.SocketType) -> bytes:
+    """One line (or everything until the peer shuts its side), at most CONTROL_REQUEST_MAX."""
+    data = b""
+    while b"\n" not in data and len(data) <= CONTROL_REQUEST_MAX:
+        chunk = await conn.recv(CONTROL_REQUEST_MAX + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def parse_request(data: bytes) -> dict[str, Any] | str:
+    """A control request: a JSON object with a string ``request``, or the bare word
+    ``status``; anything else is an error message (a str) to send back."""
+    if len(data) > CONTROL_REQUEST_MAX:
+        return f"request longer than {CONTROL_REQUEST_MAX} bytes"
+    line = data.split(b"\n", 1)[0].strip()
+    if line == b"status":
+        return {"request": "status"}
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):
+        return "not a JSON request"
+    if not isinstance(request, dict) or not isinstance(request.get("request"), str):
+        return 'a request is a JSON object with a string "request"'
+    return request
+
+
+def group_id(group: str | None) -> int | None:
+    """The number of the ``control_socket_group`` (a name or a number); None for none."""
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SystemSetupError(f"control_socket_group: no group named {group!r}") from None
+
+
+def _peer_uid(conn: trio.socket.SocketType) -> int | None:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:

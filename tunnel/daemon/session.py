@@ -49,11 +49,13 @@ class Drops(collections.Counter[str]):
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes every line with the session's client ID."""
+    """Tags every line with the session's client (its name, or its ID's first 12 characters),
+    as the record's ``client`` attribute: text logs show it as a ``[client]`` prefix, JSON
+    logs as a key of its own."""
 
     def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
-        client = self.extra["client"] if self.extra is not None else "-"
-        return f"[{client}] {msg}", kwargs
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **(self.extra or {})}
+        return msg, kwargs
 
 
 class Channel:

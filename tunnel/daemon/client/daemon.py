@@ -10,6 +10,7 @@ from typing import Any
 import trio
 from aioquic.tls import SessionTicket
 
+from tunnel import __version__
 from tunnel.config import ClientConfig, RunOptions
 from tunnel.core.identity import Identity, encode_public_id
 from tunnel.daemon.client.hostnet import HostNetwork, recover
@@ -21,6 +22,7 @@ from tunnel.daemon.runtime import (
     ControlServer,
     check_ready_fd,
     control_socket_path,
+    group_id,
     watch_signals,
 )
 from tunnel.daemon.session import Drops
@@ -129,6 +131,7 @@ class Client:
         addresses = self.network.addresses()
         up_since = supervisor.session_started_at
         return {
+            "version": __version__,
             "role": "client",
             "id": self.identity.public_id,
             "server": f"{self.config.server_host}:{self.config.server_port}",
@@ -167,7 +170,12 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
     check_ready_fd(options.ready_fd)
     identity = read_key_file(config.key_file) if config.key_file else Identity.generate()
     client = Client(config, identity, options)
-    control = ControlServer(control_socket_path(config.control_socket), client.status)
+    control = ControlServer(
+        control_socket_path(config.control_socket),
+        client.status,
+        mode=config.control_socket_mode,
+        group=group_id(config.control_socket_group),
+    )
     kill_switch = _kill_switch(config)
     stopped_cleanly = False
     try:

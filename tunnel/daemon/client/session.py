@@ -130,6 +130,7 @@ class ClientSession(Channel):
         )
         self.control = ClientControl()
         self.rebinds = 0
+        self.heard_at = trio.current_time()  # the last datagram from the server
         # The server's hello, held until its identity is verified: nothing secret (token,
         # signature) leaves before that.
         self._hello: ServerHello | None = None
@@ -337,6 +338,7 @@ class ClientSession(Channel):
                 if is_stateless_reset(self.quic, data):
                     raise SessionLost("the server no longer knows this session (it restarted)")
                 driver.receive(data, addr, now)
+                self.heard_at = now
             tun = self.tun
             writes = tun.writes if tun is not None else 0
             driver.deliver_events()
@@ -501,6 +503,7 @@ class ClientSession(Channel):
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             **self.path_status(),
             "uptime": round(trio.current_time() - up_since, 3) if up_since else 0.0,
+            "last_heard": round(trio.current_time() - self.heard_at, 3),
             "resumed": self.resumed,
             "rebinds": self.rebinds,
         }

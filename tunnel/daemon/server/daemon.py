@@ -24,14 +24,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
 
+from tunnel import __version__
 from tunnel.config import RunOptions, ServerConfig, load_server_config
 from tunnel.core.admission import HandshakeGate
 from tunnel.core.authority import Authority
-from tunnel.core.identity import Identity
+from tunnel.core.identity import Identity, decode_public_id
 from tunnel.core.ippool import AddressPool
 from tunnel.core.nat64 import Nat64
 from tunnel.core.tokens import TokenSet
@@ -42,6 +44,7 @@ from tunnel.daemon.runtime import (
     ControlServer,
     check_ready_fd,
     control_socket_path,
+    group_id,
     notify_ready,
     watch_signals,
 )
@@ -58,6 +61,11 @@ from tunnel.errors import TunnelError
 from tunnel.keyfile import read_key_file
 
 log = logging.getLogger("tunnel.server")
+
+# Keys a reload reads but cannot apply to a running server: reported, not silently ignored.
+_RESTART_KEYS = (
+    "listen_host", "listen_port", "network", "network6", "mtu", "tun_name", "nat64", "masquerade",
+)  # fmt: skip
 
 # A server under a flood of new connections: at most this many handshakes in flight from one
 # source address and overall; past RETRY_ABOVE pending handshakes, new clients must prove their
@@ -92,6 +100,9 @@ class Server:
         self.endpoint = endpoint
         self.tun = tun
         self.started_at = trio.current_time()
+        # Operators' names for client keys ([clients]): one dict, updated in place on reload,
+        # that every session reads its name from.
+        self.names: dict[bytes, str] = {key: name for name, key in config.clients.items()}
         quic_config = server_configuration(identity)
         self.authority = _authority(config, identity)
         self.tickets = TicketStore()
@@ -143,6 +154,7 @@ class Server:
                 pool4.server_ip.packed if pool4 is not None else None,
                 pool6.server_ip.packed if pool6 is not None else None,
             ),
+            names=self.names,
         )
 
     def _new_session(
@@ -167,42 +179,92 @@ class Server:
         """Send what every touched session has queued."""
         transmit_touched(self.touched)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read tokens, allowed_clients and client_to_client; keep everything else
-        and every session whose credentials still pass."""
+    def reload(self, via: str = "SIGHUP") -> dict[str, Any]:
+        """SIGHUP or ``tunnel reload``: re-read tokens, allowed_clients, client names,
+        client_to_client and the pushed DNS; keep everything else and every session whose
+        credentials still pass. Returns what changed (``error`` if the file is unusable)."""
         path = self.config_path
         if path is None:
-            log.warning("SIGHUP: no config file to reload")
-            return
+            log.warning("%s: no config file to reload", via)
+            return {"error": "the server was started without a config file"}
         try:
             fresh = load_server_config(path)
         except TunnelError as exc:
-            log.error("SIGHUP: %s; keeping the running configuration", exc)
-            return
+            log.error("%s: %s; keeping the running configuration", via, exc)
+            return {"error": f"{exc}; keeping the running configuration"}
+        old = self.config
+        changed = [
+            key
+            for key in ("auth_tokens", "allowed_clients", "clients", "dns", "dns_search")
+            if getattr(fresh, key) != getattr(old, key)
+        ]
         self.authority.reload(
             tokens=TokenSet(fresh.auth_tokens),
             allowed_clients=fresh.allowed_clients,
             dns=fresh.dns,
             dns_search=fresh.dns_search,
         )
-        self._reload_client_to_client(fresh.client_to_client)
-        revoked = self.revoke_failing()
-        log.info(
-            "SIGHUP: reloaded %d token(s) and allowed_clients; %d session(s) revoked",
-            len(fresh.auth_tokens),
-            revoked,
+        self.names.clear()
+        self.names.update({key: name for name, key in fresh.clients.items()})
+        if self._reload_client_to_client(fresh.client_to_client):
+            changed.append("client_to_client")
+        self.config = attrs.evolve(
+            old,
+            auth_tokens=fresh.auth_tokens,
+            allowed_clients=fresh.allowed_clients,
+            clients=fresh.clients,
+            dns=fresh.dns,
+            dns_search=fresh.dns_search,
+            client_to_client=fresh.client_to_client,
         )
+        revoked = self.revoke_failing()
+        ignored = [key for key in _RESTART_KEYS if getattr(fresh, key) != getattr(old, key)]
+        log.info(
+            "%s: reloaded %d token(s); %s changed; %d session(s) revoked%s",
+            via,
+            len(fresh.auth_tokens),
+            ", ".join(changed) or "nothing",
+            revoked,
+            f"; {', '.join(ignored)} need a restart" if ignored else "",
+        )
+        return {
+            "changed": changed,
+            "tokens": len(fresh.auth_tokens),
+            "revoked": revoked,
+            "need_restart": ignored,
+        }
 
-    def _reload_client_to_client(self, allowed: bool) -> None:
+    def kick(self, target: str, reason: str = "") -> dict[str, Any]:
+        """``tunnel kick``: close every session of the client named by ``target`` (a public ID
+        or a name from [clients]). It may come back: kicking is not revoking."""
+        key = self._client_key(target)
+        closed = self.table.close_client(key, f"kicked by the operator{': ' if reason else ''}"
+                                         f"{reason}")  # fmt: skip
+        if not closed:
+            raise TunnelError(f"no session of client {target!r}")
+        self.flush()
+        return {"kicked": closed}
+
+    def _client_key(self, target: str) -> bytes:
+        for key, name in self.names.items():
+            if name == target:
+                return key
+        try:
+            return decode_public_id(target)
+        except (ValueError, TunnelError):
+            raise TunnelError(f"{target!r} is neither a client name nor a public ID") from None
+
+    def _reload_client_to_client(self, allowed: bool) -> bool:
         if allowed == self.forwarder.client_to_client:
-            return
+            return False
         self.forwarder.client_to_client = allowed
         if allowed:
             self.introducer.enable()
         else:
             self.introducer.disable()  # and every direct path between clients ends
         self.flush()
-        log.info("SIGHUP: client_to_client is now %s", "on" if allowed else "off")
+        log.info("client_to_client is now %s", "on" if allowed else "off")
+        return True
 
     def revoke_failing(self) -> int:
         """Close every live session whose credentials the current policy no longer admits."""
@@ -221,6 +283,7 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         return {
+            "version": __version__,
             "role": "server",
             "id": self.identity.public_id,
             "listen": format_address(self.endpoint.local_address),
@@ -311,6 +374,13 @@ def ipv4_forwarding_enabled() -> bool:
         return True  # cannot tell: do not warn
 
 
+def _text(request: dict[str, Any], key: str) -> str:
+    value = request.get(key, "")
+    if not isinstance(value, str) or len(value) > 200:
+        raise TunnelError(f"{key!r} must be a string of at most 200 characters")
+    return value
+
+
 def _status(server: Server | None) -> dict[str, Any]:
     # The control socket is served only once the server exists.
     assert server is not None
@@ -325,7 +395,12 @@ async def run_server(
     identity = read_key_file(config.key_file)
     server: Server | None = None
     # First, so that a second daemon with the same config is refused before touching anything.
-    control = ControlServer(control_socket_path(config.control_socket), lambda: _status(server))
+    control = ControlServer(
+        control_socket_path(config.control_socket),
+        lambda: _status(server),
+        mode=config.control_socket_mode,
+        group=group_id(config.control_socket_group),
+    )
     with contextlib.ExitStack() as undo:
         # Synchronous undo on purpose: it cannot be cancelled halfway.
         undo.callback(control.close)
@@ -345,6 +420,10 @@ async def run_server(
         )
         undo.callback(endpoint.close)
         server = Server(config, identity, endpoint, tun, options.config_path)
+        control.handle("reload", lambda _request: server.reload(via="tunnel reload"))
+        control.handle(
+            "kick", lambda request: server.kick(_text(request, "client"), _text(request, "reason"))
+        )
         host_changes.bring_up(tun.name, config.mtu)
         pools = [p for p in (server.authority.pool4, server.authority.pool6) if p is not None]
         for pool in pools:

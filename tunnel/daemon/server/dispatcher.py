@@ -103,7 +103,7 @@ class Dispatcher:
             writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
-                session.after_batch()
+                session.after_batch(now)
             if tun.writes != writes:
                 # The kernel answers some packets inside our write (an echo reply, a TCP ACK):
                 # take those now, into this batch's send, not after another scheduler round.

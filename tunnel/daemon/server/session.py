@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -82,6 +82,8 @@ class SessionServices:
     # The server's tunnel addresses (packed IPv4, IPv6; None without that pool): where the
     # "packet too big" answers to the internet's senders come from.
     tunnel_addresses: tuple[bytes | None, bytes | None]
+    # The operator's names for client keys ([clients]), kept current by reloads.
+    names: Mapping[bytes, str] = field(default_factory=dict)
 
 
 class ServerSession(Channel):
@@ -129,6 +131,7 @@ class ServerSession(Channel):
         self.handshake_over = trio.Event()  # established, or given up
         self.closed = trio.Event()
         self.started_at = trio.current_time()
+        self.heard_at = self.started_at  # the last batch of datagrams from the client
         self.log = SessionLog(log, {"client": "-"})
         self._hello_sent = False
         self.closing = False
@@ -226,7 +229,7 @@ class ServerSession(Channel):
 
     def _authenticate(self, request: AuthRequest) -> None:
         self.client_id, self.device_id = request.client_id, request.device_id
-        self.log = SessionLog(log, {"client": _short(request.client_id)})
+        self.log = SessionLog(log, {"client": self.name_of(request.client_id)})
         now = trio.current_time()
         gatekeeper = self.services.gatekeeper
         attempt = gatekeeper.attempt(request, self.remote[0])
@@ -291,9 +294,10 @@ class ServerSession(Channel):
         self.handshake_over.set()
         self._linger_requested.set()
 
-    def after_batch(self) -> None:
+    def after_batch(self, now: float) -> None:
         """A batch from the client was handled (its ACKs among it): if we wait to close, is
         our last word through?"""
+        self.heard_at = now
         if self._close_after_delivery is not None:
             self.check_delivered()
 
@@ -363,10 +367,15 @@ class ServerSession(Channel):
         address = self.quic.get_peer_address()
         return address if address is not None else self.remote
 
+    def name_of(self, client_id: bytes) -> str:
+        """How logs name the client: the operator's name for it, else its ID's first 12."""
+        return self.services.names.get(client_id) or _short(client_id)
+
     def status(self) -> dict[str, Any]:
         rtt = smoothed_rtt(self.quic)
         return {
             "client_id": encode_public_id(self.client_id) if self.client_id else None,
+            "name": self.services.names.get(self.client_id) if self.client_id else None,
             "device_id": self.device_id,
             "addresses": [str(a) for a in self.lease.addresses] if self.lease else [],
             "remote": format_address(self.current_remote()),
@@ -374,5 +383,6 @@ class ServerSession(Channel):
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             **self.path_status(),
             "uptime": round(trio.current_time() - self.started_at, 3),
+            "last_heard": round(trio.current_time() - self.heard_at, 3),
             "drops": dict(self.drops),
         }

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from tunnel.core.authority import Authority
-from tunnel.core.messages import CLOSE_REPLACED
+from tunnel.core.messages import CLOSE_KICKED, CLOSE_REPLACED
 from tunnel.core.routing import RouteTable
 from tunnel.daemon.session import Channel
 
@@ -102,6 +102,17 @@ class SessionTable:
                 session.revoke()
                 revoked += 1
         return revoked
+
+    def close_client(self, client_id: bytes, reason: str) -> int:
+        """Close every live session of ``client_id`` with ``reason`` (CLOSE_KICKED, which the
+        client takes as a lost session and reconnects); how many."""
+        closed = 0
+        for session in list(self.sessions):
+            if session.client_id == client_id and session.lease and not session.closing:
+                session.log.warning("closing the session: %s", reason)
+                session.close(CLOSE_KICKED, reason)
+                closed += 1
+        return closed
 
     def status(self) -> dict[str, object]:
         return {"sessions_failed": self.failed, "protocol_violations": self.protocol_violations}
