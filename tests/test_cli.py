@@ -590,3 +590,13 @@ def test_timestamps_are_left_to_the_journal_or_to_the_flag(monkeypatch) -> None:
     timed = log_formatter(build_parser().parse_args(["client", "--config", "c.toml"]))
     assert timed.format(_record("hi")).endswith(" WARNING tunnel.server: hi")
     assert timed.format(_record("hi"))[:4].isdigit()  # the year first
+
+
+def test_the_man_page_and_completions_are_current() -> None:
+    """share/ is generated from build_parser(): a new flag without `scripts/gen-docs` fails."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen-docs"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr

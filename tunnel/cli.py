@@ -38,6 +38,7 @@ __all__ = ["main", "render_status"]
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EXIT_CHECK_FAILED = 1  # `tunnel check` found a problem (each is on its own line)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 logger = logging.getLogger("tunnel")
@@ -156,6 +157,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(render_status(status), end="")
     return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tunnel.check import check
+
+    findings = check(args.config)
+    for finding in findings:
+        print(finding)
+    return EXIT_OK if all(f.ok for f in findings) else EXIT_CHECK_FAILED
 
 
 def _cmd_kick(args: argparse.Namespace) -> int:
@@ -432,6 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     _add_socket_options(status)
     status.set_defaults(func=_cmd_status)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a config and this host for it (TUN, CAP_NET_ADMIN, forwarding, nftables,"
+        " the server's identity), changing nothing",
+    )
+    check.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML config")
+    check.set_defaults(func=_cmd_check)
 
     kick = commands.add_parser(
         "kick", help="close a client's sessions on a running server (it may connect again)"
