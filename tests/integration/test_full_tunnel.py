@@ -30,6 +30,7 @@ from tests.support.netns import (
     ip,
     netns,
     open_daemon_nursery,
+    poll_until,
     run,
     start_daemon,
     tcp_transfer,
@@ -134,15 +135,6 @@ async def start_client(
 ) -> Daemon:
     argv = ["env", f"DBUS_SYSTEM_BUS_ADDRESS={bus}", *tunnel("client", "--config", str(config))]
     return await start_daemon(nursery, net.client, argv, name="client")
-
-
-async def wait_for(predicate: Any, what: str, within: float, every: float = 0.1) -> None:
-    """Poll until ``predicate()`` (async) is true: the state lives in another process."""
-    with trio.move_on_after(within):
-        while not await predicate():  # noqa: ASYNC110
-            await trio.sleep(every)
-        return
-    raise AssertionError(f"timed out after {within} s waiting for {what}")
 
 
 async def client_state(files: TunnelFiles) -> str | None:
@@ -272,7 +264,7 @@ async def test_kill_switch_holds_while_reconnecting_and_after_sigkill_and_opens_
 
             server.kill()
             assert await server.wait() == -signal.SIGKILL
-            await wait_for(
+            await poll_until(
                 lambda: _state_is(files, "reconnecting"), "the client to notice", within=20
             )
             assert not await pings(c, ROUTER, wait=1), "out in the clear while reconnecting"

@@ -18,7 +18,7 @@ import attrs
 import pytest
 import trio
 
-from tests.support.netns import Daemon, Netns, open_daemon_nursery, run, start_daemon
+from tests.support.netns import Daemon, Netns, open_daemon_nursery, poll_until, run, start_daemon
 from tests.support.netns import star as netns_star
 from tests.support.netns import tunnel_cli as tunnel
 from tunnel.daemon.control import query_status
@@ -76,15 +76,6 @@ async def start(nursery: trio.Nursery, ns: Netns, role: str, config: Path, name:
     return await start_daemon(nursery, ns, tunnel(role, "--config", str(config), *extra), name=name)
 
 
-async def wait_for(predicate: Any, what: str, within: float, every: float = 0.1) -> None:
-    """Poll until ``predicate()`` (async) is true: the state lives in another process."""
-    with trio.move_on_after(within):
-        while not await predicate():  # noqa: ASYNC110
-            await trio.sleep(every)
-        return
-    raise AssertionError(f"timed out after {within} s waiting for {what}")
-
-
 async def test_kick_ends_one_clients_session_and_not_anothers(
     lan: Lan, files: TunnelFiles, creds: dict[str, Any]
 ) -> None:
@@ -107,7 +98,7 @@ async def test_kick_ends_one_clients_session_and_not_anothers(
                 state = await query_status(files.socket("alice"))
                 return state["reconnects"] >= 1 and state["state"] == "connected"
 
-            await wait_for(alice_came_back, "alice to reconnect", 20)
+            await poll_until(alice_came_back, "alice to reconnect", 20)
             assert "kicked by the operator: maintenance" in alice.log, alice.log
             assert "[alice] closing the session: kicked by the operator" in server.log
             bob_after = await query_status(files.socket("bob"))

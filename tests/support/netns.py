@@ -560,6 +560,16 @@ async def open_daemon_nursery() -> AsyncIterator[trio.Nursery]:
             nursery.cancel_scope.cancel()
 
 
+async def poll_until(predicate: Any, what: str, within: float, every: float = 0.1) -> None:
+    """Poll the async ``predicate`` until it is true, or fail after ``within`` seconds naming
+    ``what``. Polling because the state lives in another process: no event to wait on."""
+    with trio.move_on_after(within):
+        while not await predicate():  # noqa: ASYNC110
+            await trio.sleep(every)
+        return
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists (zombies included)."""
     try:

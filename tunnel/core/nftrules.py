@@ -119,6 +119,14 @@ def _payload(protocol: str, field: str) -> dict[str, Any]:
     return {"payload": {"protocol": protocol, "field": field}}
 
 
+def _base_chain(
+    family: str, table: str, name: str, kind: str, hook: str, prio: int, policy: str
+) -> dict[str, Any]:
+    """The command adding a base chain: one bound to a netfilter hook, with its policy."""
+    chain = {"family": family, "table": table, "name": name, "type": kind, "hook": hook}
+    return {"add": {"chain": {**chain, "prio": prio, "policy": policy}}}
+
+
 def _rule(family: str, table: str, chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
     return {"add": {"rule": {"family": family, "table": table, "chain": chain, "expr": list(expr)}}}
 
@@ -151,21 +159,7 @@ def kill_switch(table: str, *, tun_name: str, fwmark: int) -> dict[str, Any]:
         raise ValueError(f"fwmark {fwmark:#x} must be between 1 and {_MAX_MARK:#x}")
     family, chain = "inet", "output"
     commands = _replace_table(family, table)
-    commands.append(
-        {
-            "add": {
-                "chain": {
-                    "family": family,
-                    "table": table,
-                    "name": chain,
-                    "type": "filter",
-                    "hook": "output",
-                    "prio": 0,
-                    "policy": "drop",
-                }
-            }
-        }
-    )
+    commands.append(_base_chain(family, table, chain, "filter", "output", 0, "drop"))
 
     def rule(*expr: dict[str, Any]) -> None:
         commands.append(_rule(family, table, chain, *expr))
@@ -211,19 +205,7 @@ def masquerade(table: str, *, tun_name: str, pools: Sequence[IPv4Network]) -> di
     family, chain = "ip", "postrouting"
     commands = _replace_table(family, table)
     commands.append(
-        {
-            "add": {
-                "chain": {
-                    "family": family,
-                    "table": table,
-                    "name": chain,
-                    "type": "nat",
-                    "hook": "postrouting",
-                    "prio": _SRCNAT_PRIORITY,
-                    "policy": "accept",
-                }
-            }
-        }
+        _base_chain(family, table, chain, "nat", "postrouting", _SRCNAT_PRIORITY, "accept")
     )
     for network in networks:
         prefix = {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
