@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ def test_ready_fd_gets_one_newline_and_is_closed():
     assert os.read(read, 10) == b"\n"
     assert os.read(read, 10) == b""  # closed: the supervisor sees EOF
     os.close(read)
-
-
-def test_notify_socket_gets_ready(tmp_path, monkeypatch):
-    path = tmp_path / "notify"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
-    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    notify_ready(None)
-    assert listener.recv(100) == b"READY=1"
-    listener.close()
 
 
 def test_a_closed_ready_fd_is_a_clear_error():

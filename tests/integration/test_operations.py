@@ -10,6 +10,8 @@ what changed.
 from __future__ import annotations
 
 import json
+import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,53 @@ async def test_reload_over_the_control_socket_reports_the_change(
             assert "changed: auth_tokens" in out, out
             assert "sessions revoked: 1" in out, out
             assert "need a restart to apply: mtu" in out, out
+
+
+async def test_systemd_hears_ready_reload_watchdog_and_stopping(
+    lan: Lan, files: TunnelFiles, creds: dict[str, Any]
+) -> None:
+    """The notify protocol against a socket standing in for systemd's NOTIFY_SOCKET."""
+    path = files.dir / "notify"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await listener.bind(str(path))
+    heard: list[str] = []
+
+    async def listen() -> None:
+        while True:
+            heard.append((await listener.recv(4096)).decode())
+
+    def says(prefix: str) -> Any:
+        async def predicate() -> bool:
+            return any(m.startswith(prefix) for m in heard)
+
+        return predicate
+
+    env = ["env", f"NOTIFY_SOCKET={path}", "WATCHDOG_USEC=400000"]
+    with listener, trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            nursery.start_soon(listen)
+            server = await start_daemon(
+                nursery, lan.server,
+                [*env, *tunnel("server", "--config", str(server_config(files, creds)))],
+                name="server",
+            )  # fmt: skip
+            await poll_until(says("READY=1"), "READY=1", 10)
+            assert heard[0] == "READY=1\nSTATUS=0 sessions", heard
+            await poll_until(says("WATCHDOG=1"), "the watchdog", 10)
+            await start(nursery, lan.alice, "client", client_config(files, creds, "alice"),
+                        "alice")  # fmt: skip
+            await poll_until(says("STATUS=1 session"), "the STATUS line to count it", 10)
+            mark = len(heard)
+            server.process.send_signal(signal.SIGHUP)
+            await poll_until(lambda: _after(heard, mark, "READY=1"), "the reload's end", 10)
+            reload = [m for m in heard[mark:] if not m.startswith(("WATCHDOG", "STATUS"))]
+            assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC="), reload
+            assert reload[1].startswith("READY=1"), reload
+            server.terminate()
+            assert await server.wait() == 0, server.describe()
+            assert heard[-1] == "STOPPING=1", heard
+            nursery.cancel_scope.cancel()
+
+
+async def _after(heard: list[str], mark: int, prefix: str) -> bool:
+    return any(m.startswith(prefix) for m in heard[mark:])

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from tunnel.config import DEFAULT_CLIENT_SOCKET, DEFAULT_SERVER_SOCKET
+from tunnel.daemon.sdnotify import Notifier
 from tunnel.errors import SystemSetupError, TunnelError
 
 log = logging.getLogger("tunnel")
@@ -50,21 +51,20 @@ def lone_errors_unwrapped() -> Iterator[None]:
 
 def notify_ready(ready_fd: int | None) -> None:
     """Tell the supervisor we are really ready: one newline on ``ready_fd`` (s6's
-    notification-fd), and ``READY=1`` to ``$NOTIFY_SOCKET`` (systemd) if set."""
+    notification-fd). systemd hears it from :class:`tunnel.daemon.sdnotify.Notifier`."""
     if ready_fd is not None:
         try:
             os.write(ready_fd, b"\n")
             os.close(ready_fd)
         except OSError as exc:
             log.warning("--ready-fd %d: cannot write readiness: %s", ready_fd, exc.strerror)
-    target = os.environ.get("NOTIFY_SOCKET")
-    if target:
-        address = "\0" + target[1:] if target.startswith("@") else target
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(b"READY=1", address)
-        except OSError as exc:
-            log.warning("NOTIFY_SOCKET %s: %s", target, exc.strerror)
+
+
+async def report_status(notifier: Notifier, summary: Callable[[], str], every: float = 2.0) -> None:
+    """Keep systemd's STATUS line current (the notifier sends only changes)."""
+    while True:
+        notifier.status(summary())
+        await trio.sleep(every)
 
 
 def check_ready_fd(ready_fd: int | None) -> None:

@@ -164,7 +164,8 @@ class Notifier:
                 self.close()
                 self._connected().send(data, socket.MSG_DONTWAIT)
         except OSError as exc:
-            self.close()  # a new socket for the next message, whatever broke this one
+            if exc.errno != errno.EAGAIN:  # EAGAIN: systemd's queue is full, the socket fine
+                self.close()  # a new socket for the next message, whatever broke this one
             if not self._failing:
                 self._failing = True
                 log.debug("NOTIFY_SOCKET %s: %s (not notifying systemd)", self._target, exc)

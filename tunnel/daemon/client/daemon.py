@@ -23,8 +23,10 @@ from tunnel.daemon.runtime import (
     check_ready_fd,
     control_socket_path,
     group_id,
+    report_status,
     watch_signals,
 )
+from tunnel.daemon.sdnotify import Notifier
 from tunnel.daemon.session import Drops
 from tunnel.daemon.statefile import StateFile, state_path
 from tunnel.daemon.tun import TunDevice
@@ -156,6 +158,14 @@ class Client:
             | ({"udp_send": session.endpoint.send_drops} if session else {}),
         }
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS: "connected to vpn.example:4433 as 10.8.0.2/24"."""
+        server = f"{self.config.server_host}:{self.config.server_port}"
+        state = self.supervisor.state
+        if state == "connected":
+            return f"connected to {server} as {', '.join(self.network.addresses())}"
+        return f"{state} to {server} (reconnects: {self.supervisor.reconnects})"
+
     def close(self) -> None:
         """Undo everything the client changed on the host."""
         self.network.close()
@@ -197,11 +207,19 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
             config.server_host,
             config.server_port,
         )
+        # systemd's READY means "running and connecting" (see tunnel-client@.service): a
+        # server down at boot must not hold the unit in "activating"; the STATUS line says
+        # where the session is. --ready-fd still waits for the first session.
+        notifier = Notifier.from_environment()
+        notifier.ready(status=client.summary())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals, nursery.cancel_scope, None)
             nursery.start_soon(control.serve)
+            nursery.start_soon(notifier.run_watchdog)
+            nursery.start_soon(report_status, notifier, client.summary)
             await client.supervise()
             nursery.cancel_scope.cancel()
+        notifier.stopping()
         stopped_cleanly = True
         log.info("client stopped")
     finally:

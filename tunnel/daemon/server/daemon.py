@@ -46,8 +46,10 @@ from tunnel.daemon.runtime import (
     control_socket_path,
     group_id,
     notify_ready,
+    report_status,
     watch_signals,
 )
+from tunnel.daemon.sdnotify import Notifier
 from tunnel.daemon.server.auth import Gatekeeper
 from tunnel.daemon.server.dispatcher import Dispatcher
 from tunnel.daemon.server.forwarder import Forwarder
@@ -233,6 +235,14 @@ class Server:
             "revoked": revoked,
             "need_restart": ignored,
         }
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS: "3 sessions, 1 handshake pending"."""
+        sessions = sum(1 for _ in self.table.authenticated())
+        pending = self.dispatcher.status().get("pending_handshakes", 0)
+        return f"{sessions} session{'' if sessions == 1 else 's'}" + (
+            f", {pending} handshake{'' if pending == 1 else 's'} pending" if pending else ""
+        )
 
     def kick(self, target: str, reason: str = "") -> dict[str, Any]:
         """``tunnel kick``: close every session of the client named by ``target`` (a public ID
@@ -420,7 +430,6 @@ async def run_server(
         )
         undo.callback(endpoint.close)
         server = Server(config, identity, endpoint, tun, options.config_path)
-        control.handle("reload", lambda _request: server.reload(via="tunnel reload"))
         control.handle(
             "kick", lambda request: server.kick(_text(request, "client"), _text(request, "reason"))
         )
@@ -446,9 +455,24 @@ async def run_server(
             tun.name,
             ", ".join(f"{p.server_ip}/{p.network.prefixlen}" for p in pools),
         )
+        running = server
+        notifier = Notifier.from_environment()
+
+        def reload(via: str) -> dict[str, Any]:
+            notifier.reloading()
+            try:
+                return running.reload(via=via)
+            finally:
+                notifier.ready(status=running.summary())
+
+        control.handle("reload", lambda _request: reload("tunnel reload"))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_signals, nursery.cancel_scope, server.reload)
+            nursery.start_soon(watch_signals, nursery.cancel_scope, lambda: reload("SIGHUP"))
             nursery.start_soon(control.serve)
             await nursery.start(server.run)
             notify_ready(options.ready_fd)
+            notifier.ready(status=server.summary())
+            nursery.start_soon(notifier.run_watchdog)
+            nursery.start_soon(report_status, notifier, server.summary)
+        notifier.stopping()
         log.info("server stopped")
