@@ -194,6 +194,7 @@ SERVER_ERRORS = [
     ({"control_socket_mode": "rw"}, "control_socket_mode", "is not an octal mode"),
     ({"control_socket_mode": 432}, "control_socket_mode", "must be a string"),
     ({"control_socket_group": "a b"}, "control_socket_group", "is not a group name"),
+    ({"metrics_listen": "9100"}, "metrics_listen", "port"),
     ({"network": DELETE, "network6": "fd00::/64", "masquerade": True}, "masquerade",
      "needs 'network'"),
 ]  # fmt: skip
@@ -509,13 +510,14 @@ _SERVER_KEY_NAMES = sorted(
      "allowed_clients", "mtu", "max_clients", "max_sessions_per_client", "client_to_client",
      "tun_name", "control_socket", "handshake_timeout", "lease_grace", "nat64", "dns",
      "dns_search", "masquerade", "state_dir", "clients", "control_socket_mode",
-     "control_socket_group"}
+     "control_socket_group", "metrics_listen"}
 )  # fmt: skip
 _CLIENT_KEY_NAMES = sorted(
     {*CLIENT_BASE, "auth_token", "auth_token_file", "key_file", "routes", "routes6", "mtu",
      "auto_reconnect", "max_reconnect_attempts", "heartbeat_interval", "heartbeat_timeout",
      "tun_name", "control_socket", "handshake_timeout", "accept_dns", "kill_switch",
-     "allow_ipv6_outside", "fwmark", "state_dir", "control_socket_mode", "control_socket_group"}
+     "allow_ipv6_outside", "fwmark", "state_dir", "control_socket_mode", "control_socket_group",
+     "metrics_listen"}
 )  # fmt: skip
 
 

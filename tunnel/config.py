@@ -142,6 +142,8 @@ class ServerConfig:
     control_socket_mode: int = DEFAULT_SOCKET_MODE
     control_socket_group: str | None = None
     """Group owning the control socket: its members may read status (not kick or reload)."""
+    metrics_listen: tuple[str, int] | None = None
+    """Where to serve Prometheus metrics (``/metrics``); None: nowhere."""
 
 
 @attrs.frozen(kw_only=True)
@@ -180,6 +182,7 @@ class ClientConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     control_socket_mode: int = DEFAULT_SOCKET_MODE
     control_socket_group: str | None = None
+    metrics_listen: tuple[str, int] | None = None
 
     @property
     def full_tunnel(self) -> bool:
@@ -503,6 +506,7 @@ _SERVER_KEYS = frozenset(
         "max_sessions_per_client", "client_to_client", "tun_name", "control_socket",
         "handshake_timeout", "lease_grace", "nat64", "dns", "dns_search", "masquerade",
         "state_dir", "clients", "control_socket_mode", "control_socket_group",
+        "metrics_listen",
     }
 )  # fmt: skip
 _NAT64_KEYS = frozenset(
@@ -589,6 +593,7 @@ def server_config_from_dict(
         clients=_client_names(t),
         control_socket_mode=_socket_mode(t),
         control_socket_group=_socket_group(t),
+        metrics_listen=t.parsed("metrics_listen", _parse_endpoint, None),
     )
 
 
@@ -717,7 +722,7 @@ _CLIENT_KEYS = frozenset(
         "routes6", "mtu", "auto_reconnect", "peer_to_peer", "max_reconnect_attempts",
         "heartbeat_interval", "heartbeat_timeout", "tun_name", "control_socket",
         "handshake_timeout", "accept_dns", "kill_switch", "allow_ipv6_outside", "fwmark",
-        "state_dir", "control_socket_mode", "control_socket_group",
+        "state_dir", "control_socket_mode", "control_socket_group", "metrics_listen",
     }
 )  # fmt: skip
 
@@ -778,6 +783,7 @@ def client_config_from_dict(
         state_dir=t.path("state_dir", DEFAULT_STATE_DIR),
         control_socket_mode=_socket_mode(t),
         control_socket_group=_socket_group(t),
+        metrics_listen=t.parsed("metrics_listen", _parse_endpoint, None),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.netns import Daemon, Netns, open_daemon_nursery, poll_until, run, start_daemon
 from tests.support.netns import star as netns_star
@@ -227,3 +229,36 @@ async def test_systemd_hears_ready_reload_watchdog_and_stopping(
 
 async def _after(heard: list[str], mark: int, prefix: str) -> bool:
     return any(m.startswith(prefix) for m in heard[mark:])
+
+
+async def scrape(ns: Netns, url: str) -> dict[str, float]:
+    """GET ``url`` from inside ``ns``; the samples of the exposition it answers."""
+    code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=10).read().decode())"
+    text = (await run(ns, [sys.executable, "-c", code])).stdout.decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+async def test_metrics_endpoint_moves_with_traffic(
+    lan: Lan, files: TunnelFiles, creds: dict[str, Any]
+) -> None:
+    url = "http://10.77.0.1:9100/metrics"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_daemon_nursery() as nursery:
+            config = server_config(files, creds, metrics_listen="10.77.0.1:9100")
+            await start(nursery, lan.server, "server", config, "server")
+            await start(nursery, lan.alice, "client", client_config(files, creds, "alice"),
+                        "alice")  # fmt: skip
+            before = await scrape(lan.server, url)
+            assert before["tunnel_sessions"] == 1, before
+            await run(lan.alice, ["ping", "-c", "20", "-i", "0.05", "-W", "2", "10.78.0.1"])
+            after = await scrape(lan.server, url)
+            assert after["tunnel_rx_packets_total"] >= before["tunnel_rx_packets_total"] + 20
+            assert after["tunnel_tx_bytes_total"] > before["tunnel_tx_bytes_total"]
+            assert after["tunnel_uptime_seconds"] > before["tunnel_uptime_seconds"]
+            cli = await run(None, tunnel("metrics", "--socket", str(files.socket("alice"))))
+            assert b"tunnel_connected 1.0" in cli.stdout, cli

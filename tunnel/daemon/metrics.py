@@ -22,14 +22,17 @@ What is exported, and why no per-client series
     that must not become a label value), NAT64 protocols and directions, peer path states.
 
 Counters that must never go down
-    A Prometheus counter that decreases reads as a restart of the process. The status dict's
-    traffic counters are per session, so their sum over live sessions drops when a session
-    ends (and the client's restarts at every reconnect). Until the daemons keep running totals
-    (a ``traffic`` mapping with ``bytes_in``, ``bytes_out``, ``packets_in``, ``packets_out``
-    that includes ended sessions), the traffic counters are that sum, and may go down; once a
-    ``traffic`` key exists it is used instead. Likewise ``tunnel_handshakes_total`` needs the
-    gatekeeper's count of accepted requests (status key ``accepted``): without it, it is left
-    out rather than computed from the live sessions, which would go down.
+    A Prometheus counter that decreases reads as a restart of the process. The per-session
+    counters restart with every session, so the traffic counters come from the daemons'
+    running totals (status key ``traffic``: bytes and packets in and out, ended sessions
+    included); a status without it (an older daemon) falls back to the live sessions' sum.
+    ``tunnel_handshakes_total`` needs the gatekeeper's count of accepted requests (status key
+    ``handshakes_accepted``): without it, it is left out rather than computed from the live
+    sessions, which would go down.
+
+There is no ``tunnel_up``: Prometheus' own ``up`` says whether the daemon answered, and
+``tunnel_info`` is 1 whenever it does. The client's ``tunnel_connected`` says whether its session
+to the server is up.
 
 The HTTP server
     prometheus_client's own server runs in a thread; this one is h11 on a trio listener, in
@@ -91,6 +94,7 @@ MAX_HEAD = 8 * 1024
 REQUEST_DEADLINE = 10.0  # seconds for one request: its head in, its response out
 MAX_REQUESTS_PER_CONNECTION = 100
 READ_SIZE = 4096
+BACKLOG = 64
 METRICS_PATH = b"/metrics"
 
 # The gatekeeper's refusal reasons -> label values. The version refusal is matched by prefix:
@@ -108,6 +112,7 @@ _REFUSALS = {
 }
 _PEER_PATHS = ("relay", "probing", "direct")
 _TRAFFIC = (
+    # Counted as they arrive, before the checks that may drop them (tunnel_drops_total).
     ("tunnel_rx_bytes", "bytes_in", "Bytes of IP packets received through the tunnel."),
     ("tunnel_tx_bytes", "bytes_out", "Bytes of IP packets sent through the tunnel."),
     ("tunnel_rx_packets", "packets_in", "IP packets received through the tunnel."),
@@ -149,6 +154,11 @@ def server_metrics(status: Mapping[str, Any]) -> list[Metric]:
             "tunnel_sessions_revoked",
             "revoked",
             "Live sessions closed because a reload withdrew their credentials.",
+        ),
+        (
+            "tunnel_handshake_timeouts",
+            "handshake_timeouts",  # not kept by the daemon yet: left out until it is
+            "Connections dropped for not authenticating within handshake_timeout.",
         ),
         ("tunnel_quic_retries_sent", "retries_sent", "QUIC Retry packets sent."),
         ("tunnel_quic_resets_sent", "resets_sent", "QUIC stateless resets sent."),
@@ -273,7 +283,7 @@ def _handshakes(status: Mapping[str, Any]) -> list[Metric]:
         "reason",
         failures,
     )
-    accepted = _number(status.get("accepted"))
+    accepted = _number(status.get("handshakes_accepted"))
     if accepted is not None:
         out += _counter(
             "tunnel_handshakes",
@@ -505,7 +515,7 @@ class MetricsServer:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" takes IPv4
             await sock.bind(address)
-            sock.listen(MAX_CONNECTIONS)
+            sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
             raise SystemSetupError(

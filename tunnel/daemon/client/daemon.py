@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 from typing import Any
@@ -16,6 +17,7 @@ from tunnel.core.identity import Identity, encode_public_id
 from tunnel.daemon.client.hostnet import HostNetwork, recover
 from tunnel.daemon.client.session import ClientSession, SessionServices, TicketSlot
 from tunnel.daemon.client.supervisor import RESOLVE_PATIENCE, SERVER_ADDRESSES_KEY, Supervisor
+from tunnel.daemon.metrics import MetricsServer, client_metrics, render
 from tunnel.daemon.nft import KillSwitch, Nftables
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.runtime import (
@@ -153,10 +155,18 @@ class Client:
             if session is not None
             else [],
             "peers": session.peers_status() if session is not None else [],
+            "traffic": self.traffic(),
             "drops": dict(self.drops)
             | ({"tun_write": tun.write_drops} if tun else {})
             | ({"udp_send": session.endpoint.send_drops} if session else {}),
         }
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes and packets in and out since start, over every session."""
+        totals = collections.Counter(self.supervisor.ended)
+        if self.supervisor.session is not None:
+            totals.update(self.supervisor.session.counters())
+        return {key: totals[key] for key in ("bytes_in", "bytes_out", "packets_in", "packets_out")}
 
     def summary(self) -> str:
         """One line for systemd's STATUS: "connected to vpn.example:4433 as 10.8.0.2/24"."""
@@ -190,6 +200,9 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
     stopped_cleanly = False
     try:
         await control.bind()  # first: a second client on the same socket stops here
+        control.handle(
+            "metrics", lambda _request: {"text": render(client_metrics(client.status())).decode()}
+        )
         if kill_switch is not None:
             if client.host_state.get(KILL_SWITCH_KEY) is None:
                 await _resolve_before_closing(client)
@@ -217,6 +230,11 @@ async def run_client(config: ClientConfig, options: RunOptions) -> None:
             nursery.start_soon(control.serve)
             nursery.start_soon(notifier.run_watchdog)
             nursery.start_soon(report_status, notifier, client.summary)
+            if config.metrics_listen is not None:
+                metrics = MetricsServer(
+                    *config.metrics_listen, lambda: client_metrics(client.status())
+                )
+                await nursery.start(metrics.serve)
             await client.supervise()
             nursery.cancel_scope.cancel()
         notifier.stopping()

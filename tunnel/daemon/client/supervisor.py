@@ -11,6 +11,7 @@ handshake short.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -86,6 +87,7 @@ class Supervisor:
         self._network_gained = trio.Event()
         self._attempt_scope: trio.CancelScope | None = None
         self._won_last: Any = None  # the address that won the last race: tried first next time
+        self.ended: collections.Counter[str] = collections.Counter()  # ended sessions' counters
         self._resolved: list[Any] = self._recall()  # the server's addresses as last resolved
         self._last_rtt: float | None = None
 
@@ -127,6 +129,8 @@ class Supervisor:
             finally:
                 self._attempt_scope = None
                 session, self.session = self.session, None
+                if session is not None:
+                    self.ended.update(session.counters())
             if attempt.cancelled_caught:
                 # The network changed under a handshake whose retransmissions may have been
                 # spent while the path was down: a fresh attempt, at once.

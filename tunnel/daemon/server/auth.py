@@ -42,6 +42,7 @@ class Gatekeeper:
         self.rate_limited = 0  # requests not even looked at: too many failures before
         self.refused: collections.Counter[str] = collections.Counter()  # by reason
         self.revoked = 0  # live sessions closed because a reload withdrew their credentials
+        self.admitted = 0  # tunnel handshakes accepted
 
     def attempt(self, request: AuthRequest, source: str) -> Attempt:
         digest = token_digest(request.auth_token) if request.auth_token is not None else b""
@@ -60,7 +61,9 @@ class Gatekeeper:
         limiter."""
         admission = self.authority.authorize(attempt.request, nonce=nonce, binding=binding, now=now)
         response = admission.response
-        if not response.accepted:
+        if response.accepted:
+            self.admitted += 1
+        else:
             self.refused[response.reject_reason or "rejected"] += 1
             if admission.credentials_failed:
                 self.auth_failures += 1
@@ -74,6 +77,7 @@ class Gatekeeper:
 
     def status(self) -> dict[str, object]:
         return {
+            "handshakes_accepted": self.admitted,
             "auth_failures": self.auth_failures,
             "rate_limited": self.rate_limited,
             "refused": dict(self.refused),

@@ -37,6 +37,7 @@ from tunnel.core.identity import Identity, decode_public_id
 from tunnel.core.ippool import AddressPool
 from tunnel.core.nat64 import Nat64
 from tunnel.core.tokens import TokenSet
+from tunnel.daemon.metrics import MetricsServer, render, server_metrics
 from tunnel.daemon.nft import MASQUERADE_STATE_KEY, Masquerade, Nftables
 from tunnel.daemon.platform import SYSTEM, Platform
 from tunnel.daemon.quic import ResetTokens, TicketStore, server_configuration
@@ -384,6 +385,13 @@ def ipv4_forwarding_enabled() -> bool:
         return True  # cannot tell: do not warn
 
 
+async def _serve_metrics(
+    listen: tuple[str, int], server: Server, *, task_status: trio.TaskStatus[Any]
+) -> None:
+    metrics = MetricsServer(*listen, lambda: server_metrics(server.status()))
+    await metrics.serve(task_status=task_status)
+
+
 def _text(request: dict[str, Any], key: str) -> str:
     value = request.get(key, "")
     if not isinstance(value, str) or len(value) > 200:
@@ -466,10 +474,15 @@ async def run_server(
                 notifier.ready(status=running.summary())
 
         control.handle("reload", lambda _request: reload("tunnel reload"))
+        control.handle(
+            "metrics", lambda _request: {"text": render(server_metrics(running.status())).decode()}
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals, nursery.cancel_scope, lambda: reload("SIGHUP"))
             nursery.start_soon(control.serve)
             await nursery.start(server.run)
+            if config.metrics_listen is not None:
+                await nursery.start(_serve_metrics, config.metrics_listen, server)
             notify_ready(options.ready_fd)
             notifier.ready(status=server.summary())
             nursery.start_soon(notifier.run_watchdog)

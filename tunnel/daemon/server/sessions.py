@@ -7,6 +7,7 @@ pointing at a session that has ended (the fuzzer checks exactly that after every
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Callable
@@ -38,6 +39,8 @@ class SessionTable:
     def __init__(self, authority: Authority, touched: set[Channel]) -> None:
         self.authority = authority
         self.sessions: set[ServerSession] = set()
+        # The counters of the sessions that ended: added to the live ones, totals.
+        self.ended: collections.Counter[str] = collections.Counter()
         self.by_cid: dict[bytes, ServerSession] = {}
         self._cids_of: dict[ServerSession, set[bytes]] = {}
         self.routes: RouteTable[ServerSession] = RouteTable()
@@ -76,6 +79,9 @@ class SessionTable:
     def detach(self, session: ServerSession) -> None:
         """``session`` ended: nothing routes to it, and its lease goes back unless another
         session (its successor) still holds the same lease."""
+        if session in self.sessions and session.lease is not None:
+            for key, value in session.counters().items():
+                self.ended[key] += value  # totals that never go down, for the metrics
         self.sessions.discard(session)
         self.touched.discard(session)
         for cid in self._cids_of.pop(session, ()):
@@ -114,8 +120,19 @@ class SessionTable:
                 closed += 1
         return closed
 
+    def traffic(self) -> dict[str, int]:
+        """Bytes and packets in and out since the server started, ended sessions included."""
+        totals = collections.Counter(self.ended)
+        for session in self.authenticated():
+            totals.update(session.counters())
+        return {key: totals[key] for key in ("bytes_in", "bytes_out", "packets_in", "packets_out")}
+
     def status(self) -> dict[str, object]:
-        return {"sessions_failed": self.failed, "protocol_violations": self.protocol_violations}
+        return {
+            "sessions_failed": self.failed,
+            "protocol_violations": self.protocol_violations,
+            "traffic": self.traffic(),
+        }
 
     async def lease_reaper(self) -> None:
         """Return leases whose grace period ran out to the pools."""
