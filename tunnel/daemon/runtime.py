@@ -110,9 +110,7 @@ def control_socket_path(configured: Path) -> Path:
     if configured not in (DEFAULT_SERVER_SOCKET, DEFAULT_CLIENT_SOCKET):
         return configured
     mine, hosts = _netns_inode("self"), _netns_inode("1")
-    # hosts is None: /proc/1 unreadable (no CAP_SYS_PTRACE, as under the systemd units), and
-    # then we cannot tell namespaces apart: the configured path, as `tunnel status` expects.
-    if mine is None or hosts is None or mine == hosts:
+    if mine is None or mine == hosts:
         return configured
     return configured.with_name(f"{configured.stem}-{mine}{configured.suffix}")
 
