@@ -112,12 +112,13 @@ def _net_admin() -> str:
 
 
 def _ipv4_forwarding() -> str:
-    with open("/proc/sys/net/ipv4/ip_forward") as knob:
-        if knob.read().strip() != "1":
-            raise TunnelError(
-                "net.ipv4.ip_forward is 0: NAT64's translated packets would not leave this host"
-                " (turn it on, or set masquerade = true)"
-            )
+    from tunnel.daemon.sysctl import read_sysctl, sysctl_path
+
+    if read_sysctl(sysctl_path("net.ipv4.ip_forward")) != "1":
+        raise TunnelError(
+            "net.ipv4.ip_forward is 0: NAT64's translated packets would not leave this host"
+            " (turn it on, or set masquerade = true)"
+        )
     return "net.ipv4.ip_forward = 1"
 
 

@@ -18,6 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tunnel.core.underlay import Route, best_route
+from tunnel.daemon.sysctl import read_sysctl, sysctl_path, write_sysctl
 from tunnel.errors import SystemSetupError
 
 log = logging.getLogger("tunnel.netlink")
@@ -188,20 +189,12 @@ class HostChanges:
         return removed
 
     def read_sysctl(self, name: str) -> str:
-        """The value of ``/proc/sys/NAME`` (dots for slashes)."""
-        try:
-            with open(_sysctl_path(name)) as knob:
-                return knob.read().strip()
-        except OSError as exc:
-            raise SystemSetupError(f"cannot read {name}: {exc.strerror}") from exc
+        """The value of sysctl ``name`` (``net.ipv4.conf.all.src_valid_mark``)."""
+        return read_sysctl(sysctl_path(name))
 
     def write_sysctl(self, name: str, value: str) -> None:
         """Set a sysctl, with no undo (for restoring what a killed daemon changed)."""
-        try:
-            with open(_sysctl_path(name), "w") as knob:
-                knob.write(value)
-        except OSError as exc:
-            raise SystemSetupError(f"cannot set {name}: {exc.strerror}") from exc
+        write_sysctl(sysctl_path(name), value)
         log.debug("sysctl %s=%s", name, value)
 
     def set_sysctl(self, name: str, value: str) -> None:
@@ -271,10 +264,6 @@ class HostChanges:
             except (NetlinkError, SystemSetupError) as exc:
                 # ENODEV/ESRCH/EADDRNOTAVAIL: it went away with the device already.
                 log.debug("undo %s: %s", what, exc)
-
-
-def _sysctl_path(name: str) -> str:
-    return "/proc/sys/" + name.replace(".", "/")
 
 
 def describe_rule(spec: dict[str, Any]) -> str:

@@ -35,6 +35,8 @@ from typing import Any
 
 from tunnel.core import nftrules
 from tunnel.daemon.statefile import StateFile
+from tunnel.daemon.sysctl import read_sysctl as _read_sysctl
+from tunnel.daemon.sysctl import write_sysctl as _write_sysctl
 from tunnel.errors import ConfigError, SystemSetupError
 
 __all__ = ["MASQUERADE_STATE_KEY", "KillSwitch", "Masquerade", "Nftables"]
@@ -177,20 +179,6 @@ class KillSwitch:
         if removed:
             log.info("removed the kill switch left for %s (table %s)", tun_name, table)
         return removed
-
-
-def _read_sysctl(path: Path) -> str:
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except OSError as exc:
-        raise SystemSetupError(f"{path}: cannot read: {exc.strerror}") from None
-
-
-def _write_sysctl(path: Path, value: str) -> None:
-    try:
-        path.write_text(f"{value}\n", encoding="ascii")
-    except OSError as exc:
-        raise SystemSetupError(f"{path}: cannot write {value!r}: {exc.strerror}") from None
 
 
 def _restore_forwarding(path: Path, previous: str) -> None:
