@@ -7,11 +7,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from tunnel.core.admission import (
     SMALLEST_INITIAL,
+    Backlog,
     SMALLEST_RESET_TRIGGER,
     HandshakeGate,
     PacketKind,
     UnknownDatagram,
     Verdict,
+    WorkBudget,
 )
 
 V1 = 0x00000001
@@ -198,3 +200,68 @@ def test_decide_alone_never_changes_the_counts(datagram, source, now):
     admission = gate()
     admission.decide(datagram, source, now)
     assert admission.pending_total == 0 and not admission.pending_by_source
+
+
+# -- the work budget and the backlog: how a storm of newcomers waits its turn ------------------
+
+
+def test_the_budget_allows_a_burst_then_its_share_of_each_second():
+    budget = WorkBudget(share=0.5, burst=0.1)
+    starts = 0
+    while budget.available(0.0):
+        budget.spent(0.0, 0.03)
+        starts += 1
+    assert starts == 4  # 0.1 s of burst, the last start taking it below zero
+    assert budget.ready_at(0.0) == pytest.approx(0.02 / 0.5, abs=1e-5)
+    assert not budget.available(0.03)
+    assert budget.available(0.05)
+    # Idle time refills it, never past the burst.
+    assert budget.ready_at(100.0) == 100.0
+    budget.spent(100.0, 0.2)
+    assert budget.ready_at(100.0) == pytest.approx(100.0 + 0.1 / 0.5, abs=1e-5)
+
+
+def test_a_budget_rejects_nonsense():
+    for share, burst in ((0, 1), (1.5, 1), (0.5, 0)):
+        with pytest.raises(ValueError):
+            WorkBudget(share=share, burst=burst)
+
+
+def test_the_backlog_serves_first_come_first_and_queues_a_retransmission_once():
+    backlog: Backlog[str] = Backlog(max_age=5.0)
+    assert backlog.push(b"a", "first", 0.0)
+    assert backlog.push(b"b", "second", 1.0)
+    assert not backlog.push(b"a", "again", 2.0)  # the same connection ID keeps its place
+    assert len(backlog) == 2 and b"a" in backlog
+    assert backlog.pop() == "first"
+    assert backlog.pop() == "second"
+    assert backlog.pop() is None
+
+
+def test_the_backlog_drops_what_waited_too_long_oldest_first():
+    backlog: Backlog[str] = Backlog(max_age=5.0)
+    backlog.push(b"a", "old", 0.0)
+    backlog.push(b"b", "newer", 3.0)
+    assert backlog.expire(5.0) == []
+    assert backlog.expire(5.5) == ["old"]
+    assert len(backlog) == 1 and b"a" not in backlog
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.floats(0, 2)),
+        max_size=40,
+    )
+)
+def test_the_backlog_holds_each_key_once_in_arrival_order(arrivals):
+    backlog: Backlog[bytes] = Backlog(max_age=3.0)
+    now, expected, out = 0.0, [], []
+    for key, step in arrivals:
+        now += step
+        for item in backlog.expire(now):
+            out.append(item)
+        if backlog.push(key, key, now):
+            expected.append(key)
+    while (item := backlog.pop()) is not None:
+        out.append(item)
+    assert out == expected  # everything leaves exactly once, first in first out

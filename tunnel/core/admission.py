@@ -13,6 +13,13 @@ address and ``now``, and keeps the counts and budgets that bound that work:
 * a stateless reset (RFC 9000 10.3) only for short-header packets large enough that the reset,
   one byte smaller, still looks like a packet (no reset loops), at most ``resets_per_second``.
 
+An admitted handshake does not start at once: it waits in a :class:`Backlog` (first come, first
+served, one entry per client connection ID however often the client retransmits) until the
+:class:`WorkBudget` allows it. The budget is measured in seconds of the server's own work, so a
+storm of a thousand newcomers is taken at the rate this machine can afford, and the sessions that
+are already up keep the rest of the core: their heartbeats are answered while the storm lasts.
+Waiting Initials count as pending, so the limits and the Retry threshold above see them.
+
 Every decision that drops says why, as the drop counter the shell increments. Pure: no I/O, no
 clock (``now`` comes in), no aioquic.
 """
@@ -22,10 +29,12 @@ from __future__ import annotations
 import collections
 import enum
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from tunnel.core.ratelimit import TokenBucket
 
 __all__ = [
+    "Backlog",
     "SMALLEST_INITIAL",
     "SMALLEST_RESET_TRIGGER",
     "Decision",
@@ -33,7 +42,10 @@ __all__ = [
     "PacketKind",
     "UnknownDatagram",
     "Verdict",
+    "WorkBudget",
 ]
+
+T = TypeVar("T")
 
 # RFC 9000 14.1: a client's first Initial is padded to at least this many bytes.
 SMALLEST_INITIAL = 1200
@@ -158,3 +170,93 @@ class HandshakeGate:
         self.pending_by_source[source] -= 1
         if not self.pending_by_source[source]:
             del self.pending_by_source[source]
+
+
+class WorkBudget:
+    """Seconds of work the server may spend on new handshakes: ``share`` of every second on
+    average, at most ``burst`` seconds at once.
+
+    The shell asks :meth:`available` before it starts a waiting handshake and reports what the
+    start cost with :meth:`spent` (measured, so a slower machine simply admits fewer). The level
+    may go below zero by the cost of the last start; :meth:`ready_at` says when it is above
+    zero again.
+    """
+
+    __slots__ = ("share", "burst", "_level", "_since")
+
+    def __init__(self, *, share: float, burst: float) -> None:
+        if not 0 < share <= 1 or burst <= 0:
+            raise ValueError("share must be in (0, 1] and burst positive")
+        self.share = share
+        self.burst = burst
+        self._level = burst
+        self._since: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._since is not None and now > self._since:
+            self._level = min(self.burst, self._level + (now - self._since) * self.share)
+        if self._since is None or now > self._since:
+            self._since = now
+
+    def available(self, now: float) -> bool:
+        """May another handshake start now?"""
+        self._refill(now)
+        return self._level > 0
+
+    def spent(self, now: float, seconds: float) -> None:
+        """A handshake start took ``seconds`` of work."""
+        self._refill(now)
+        self._level -= max(0.0, seconds)
+
+    def ready_at(self, now: float) -> float:
+        """When :meth:`available` will be true again (``now`` if it is)."""
+        self._refill(now)
+        if self._level > 0:
+            return now
+        return now + (-self._level) / self.share + 1e-6
+
+
+class Backlog(Generic[T]):
+    """Admitted handshakes waiting for the :class:`WorkBudget`: first in, first out, at most
+    one entry per key (the client's destination connection ID: its retransmissions of the same
+    Initial are not queued twice), each dropped after ``max_age`` seconds (its client gave up,
+    or will retransmit and queue again)."""
+
+    def __init__(self, *, max_age: float) -> None:
+        if max_age <= 0:
+            raise ValueError("max_age must be positive")
+        self.max_age = max_age
+        self._entries: collections.OrderedDict[bytes, tuple[float, T]] = (
+            collections.OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def push(self, key: bytes, item: T, now: float) -> bool:
+        """Queue ``item`` under ``key``; False (and nothing queued) if ``key`` waits already."""
+        if key in self._entries:
+            return False
+        self._entries[key] = (now, item)
+        return True
+
+    def pop(self) -> T | None:
+        """The oldest waiting item, or None."""
+        if not self._entries:
+            return None
+        _, (_, item) = self._entries.popitem(last=False)
+        return item
+
+    def expire(self, now: float) -> list[T]:
+        """Remove and return the items that waited longer than ``max_age``."""
+        expired: list[T] = []
+        while self._entries:
+            queued_at, item = next(iter(self._entries.values()))
+            if now - queued_at <= self.max_age:
+                break
+            self._entries.popitem(last=False)
+            expired.append(item)
+        return expired

@@ -3,13 +3,20 @@
 A datagram whose connection ID names a session goes to that session's driver (its boundary).
 Any other asks :class:`~tunnel.core.admission.HandshakeGate`, and the dispatcher carries out
 the verdict: a new session, a Retry, a Version Negotiation, a stateless reset, or a drop.
+
+A new session is not made inside the batch that brought its Initial: the Initial waits in the
+backlog, and after each batch the dispatcher starts as many waiting handshakes as the work
+budget allows (measured in seconds of this process's time), so datagrams of the sessions that
+are up are never stuck behind a storm of newcomers.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,7 +33,14 @@ from aioquic.quic.packet import (
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.tls import SessionTicket
 
-from tunnel.core.admission import HandshakeGate, PacketKind, UnknownDatagram, Verdict
+from tunnel.core.admission import (
+    Backlog,
+    HandshakeGate,
+    PacketKind,
+    UnknownDatagram,
+    Verdict,
+    WorkBudget,
+)
 from tunnel.daemon.aioquic_private.state import ResettableConnection, tune
 from tunnel.daemon.quic import ResetTokens, TicketStore
 from tunnel.daemon.server.forwarder import Forwarder
@@ -48,6 +62,26 @@ _KINDS = {
     QuicPacketType.ONE_RTT: PacketKind.ONE_RTT,
     QuicPacketType.VERSION_NEGOTIATION: PacketKind.VERSION_NEGOTIATION,
 }
+
+# The share of a core new handshakes may take, and the most at once: what is left keeps the
+# sessions that are up answered during a storm of newcomers.
+HANDSHAKE_SHARE = 0.5
+HANDSHAKE_BURST = 0.05  # seconds of work, about a dozen handshakes here
+# An Initial waits no longer than this for its turn (its client retransmits and queues again).
+BACKLOG_MAX_AGE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """An admitted Initial waiting in the backlog for the work budget."""
+
+    data: bytes
+    addr: Any
+    source: Any  # the local address it was sent to
+    original_cid: bytes
+    retry_cid: bytes | None
+    destination_cid: bytes
+
 
 # Makes the session for an admitted handshake: (connection, client address, local address the
 # client sent to, the list its tickets go to until it authenticates).
@@ -81,6 +115,8 @@ class Dispatcher:
         self.drops = Drops()
         self.retries_sent = 0
         self.resets_sent = 0
+        self.budget = WorkBudget(share=HANDSHAKE_SHARE, burst=HANDSHAKE_BURST)
+        self.backlog: Backlog[_Waiting] = Backlog(max_age=BACKLOG_MAX_AGE)
         self.nursery: trio.Nursery | None = None  # where new sessions run; set by the server
         # The local address the datagram being handled was sent to (None: the socket's own):
         # what answers to it (new sessions, Retry, resets, Version Negotiation) leave from.
@@ -92,14 +128,22 @@ class Dispatcher:
         tun = self.forwarder.tun
         touched = self.table.touched
         clock = trio.lowlevel.current_clock()
+        backlog = self.backlog
         while True:
-            await endpoint.wait_readable()
+            if backlog:
+                # Waiting handshakes: up again when the budget allows one, or sooner for data.
+                with trio.move_on_at(self.budget.ready_at(clock.current_time())):
+                    await endpoint.wait_readable()
+            else:
+                await endpoint.wait_readable()
             now = clock.current_time()
             received: set[ServerSession] = set()
             for data, addr, self.source in endpoint.receive_batch_with_local(UDP_BATCH):
                 session = self.dispatch(data, addr, now)
                 if session is not None:
                     received.add(session)
+            if backlog:
+                self._start_waiting(now, received)
             writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
@@ -143,7 +187,8 @@ class Dispatcher:
             self.drops[decision.drop] += 1
         verdict = decision.verdict
         if verdict is Verdict.ACCEPT or verdict is Verdict.ACCEPT_IF_TOKEN_VALID:
-            return self._accept(header, data, addr, now)
+            self._admit(header, data, addr, now)
+            return None
         if verdict is Verdict.RETRY:
             self._send_retry(header, addr, now)
         elif verdict is Verdict.NEGOTIATE:
@@ -159,9 +204,11 @@ class Dispatcher:
             self._send_stateless_reset(header.destination_cid, len(data), addr)
         return None
 
-    def _accept(
-        self, header: QuicHeader, data: bytes, addr: Any, now: float
-    ) -> ServerSession | None:
+    def _admit(self, header: QuicHeader, data: bytes, addr: Any, now: float) -> None:
+        """An Initial the gate let through: into the backlog (once per connection ID), where
+        it counts as pending until its handshake ends."""
+        if header.destination_cid in self.backlog:
+            return  # the client retransmitted while it waits: it keeps its place
         original_cid, retry_cid = header.destination_cid, None
         if header.token:
             # The client answers our Retry: its token proves it owns its address.
@@ -174,23 +221,40 @@ class Dispatcher:
                 )
             except ValueError:
                 self.drops["retry_token_invalid"] += 1
-                return None
+                return
             retry_cid = header.destination_cid
+        waiting = _Waiting(data, addr, self.source, original_cid, retry_cid, header.destination_cid)
+        self.backlog.push(header.destination_cid, waiting, now)
+        self.gate.started(addr[0])
+
+    def _start_waiting(self, now: float, received: set[ServerSession]) -> None:
+        """Start waiting handshakes, oldest first, while the work budget lasts."""
+        for waiting in self.backlog.expire(now):
+            self.drops["handshake_expired"] += 1
+            self.gate.finished(waiting.addr[0])
+        budget = self.budget
+        while self.backlog and budget.available(now):
+            waiting = self.backlog.pop()
+            assert waiting is not None
+            started = time.perf_counter()
+            received.add(self._accept(waiting, now))
+            budget.spent(now, time.perf_counter() - started)
+
+    def _accept(self, waiting: _Waiting, now: float) -> ServerSession:
         tickets: list[SessionTicket] = []
         quic = tune(
             ResettableConnection(
                 reset_tokens=self.reset_tokens,
                 configuration=self.quic_config,
-                original_destination_connection_id=original_cid,
-                retry_source_connection_id=retry_cid,
+                original_destination_connection_id=waiting.original_cid,
+                retry_source_connection_id=waiting.retry_cid,
                 session_ticket_fetcher=self.tickets.pop,
                 session_ticket_handler=tickets.append,
             )
         )
-        session = self.new_session(quic, addr, self.source, tickets)
-        self.gate.started(addr[0])
-        self.table.add(session, [header.destination_cid, quic.host_cid])
-        session.driver.receive(data, addr, now)
+        session = self.new_session(quic, waiting.addr, waiting.source, tickets)
+        self.table.add(session, [waiting.destination_cid, quic.host_cid])
+        session.driver.receive(waiting.data, waiting.addr, now)
         session.send_hello()
         assert self.nursery is not None
         self.nursery.start_soon(session.run)
@@ -234,6 +298,7 @@ class Dispatcher:
     def status(self) -> dict[str, object]:
         return {
             "pending_handshakes": self.gate.pending_total,
+            "waiting_handshakes": len(self.backlog),
             "retries_sent": self.retries_sent,
             "resets_sent": self.resets_sent,
         }

@@ -30,9 +30,10 @@ class SessionTable:
     """Every live session, the connection IDs that reach it, and the addresses it leases.
 
     ``by_cid`` is the dispatcher's lookup (our 8-byte connection IDs -> session); ``routes`` is
-    the forwarder's (tunnel address -> the authenticated session holding it). A session is
-    :meth:`add`-ed with its first connection IDs, :meth:`attach`-ed once authenticated (a
-    session of the same client and device holding the addresses is replaced at once), and
+    the forwarder's (tunnel address -> the authenticated session holding it); ``by_owner``
+    holds the one live session of each client and device. A session is :meth:`add`-ed with its
+    first connection IDs, :meth:`attach`-ed once authenticated (the same client and device's
+    older session is replaced at once: closed, its routes taken, no longer listed), and
     :meth:`detach`-ed when it ends, which also returns its lease to the pools.
     """
 
@@ -44,6 +45,8 @@ class SessionTable:
         self.by_cid: dict[bytes, ServerSession] = {}
         self._cids_of: dict[ServerSession, set[bytes]] = {}
         self.routes: RouteTable[ServerSession] = RouteTable()
+        self.by_owner: dict[tuple[bytes, int], ServerSession] = {}
+        self.replaced = 0  # sessions replaced by a newer one of the same client and device
         self.touched = touched
         self.lease_changed = trio.Event()
         self.failed = 0  # sessions closed for an internal error (their boundary caught it)
@@ -71,8 +74,20 @@ class SessionTable:
     def attach(self, session: ServerSession) -> None:
         """``session`` authenticated: its lease's addresses route to it from now on."""
         assert session.lease is not None
-        for previous in self.routes.add(session, [a.packed for a in session.lease.addresses]):
-            # The same client and device came back before we noticed the old one die.
+        owner = session.lease.owner
+        previous = self.by_owner.get(owner)
+        self.by_owner[owner] = session
+        if previous is not None and previous is not session:
+            # The same client and device came back before we noticed the old one die: one
+            # identity and device, one session, one route, from this moment on.
+            self._replace(previous)
+        for displaced in self.routes.add(session, [a.packed for a in session.lease.addresses]):
+            self._replace(displaced)  # cannot happen while leases are per owner; cheap to keep
+
+    def _replace(self, previous: ServerSession) -> None:
+        self.routes.remove(previous)
+        if not previous.closing:
+            self.replaced += 1
             previous.log.info("replaced by a new session")
             previous.close(CLOSE_REPLACED, "replaced by a new session")
 
@@ -89,13 +104,24 @@ class SessionTable:
                 del self.by_cid[cid]
         self.routes.remove(session)  # only what it still holds: not what a successor took
         lease = session.lease
-        if lease is not None and not any(s.lease is lease for s in self.sessions):
-            self.authority.release(lease.owner, now=trio.current_time())
-            self.lease_changed.set()
+        if lease is None:
+            return
+        successor = self.by_owner.get(lease.owner)
+        if successor is session:
+            del self.by_owner[lease.owner]
+        elif successor is not None:
+            return  # its successor holds the lease now
+        self.authority.release(lease.owner, now=trio.current_time())
+        self.lease_changed.set()
 
     def authenticated(self) -> list[ServerSession]:
-        """The sessions holding a lease (the ones status shows)."""
-        return [s for s in self.sessions if s.lease is not None]
+        """The live sessions holding a lease, one per client and device (the ones status
+        shows): not those closing (replaced, kicked, revoked) while their close drains."""
+        return [s for s in self.by_owner.values() if not s.closing]
+
+    def closing_count(self) -> int:
+        """Sessions whose close is draining (status counts them, but does not list them)."""
+        return sum(1 for s in self.sessions if s.closing)
 
     def revoke_failing(self, still_admits: Callable[[bytes, bytes], bool]) -> int:
         """Close every live session whose credentials ``still_admits`` refuses; how many."""
@@ -123,14 +149,17 @@ class SessionTable:
     def traffic(self) -> dict[str, int]:
         """Bytes and packets in and out since the server started, ended sessions included."""
         totals = collections.Counter(self.ended)
-        for session in self.authenticated():
-            totals.update(session.counters())
+        for session in self.sessions:
+            if session.lease is not None:  # closing ones too: totals never go down
+                totals.update(session.counters())
         return {key: totals[key] for key in ("bytes_in", "bytes_out", "packets_in", "packets_out")}
 
     def status(self) -> dict[str, object]:
         return {
             "sessions_failed": self.failed,
             "protocol_violations": self.protocol_violations,
+            "sessions_replaced": self.replaced,
+            "sessions_closing": self.closing_count(),
             "traffic": self.traffic(),
         }
 
