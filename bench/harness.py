@@ -173,24 +173,7 @@ class Bench:
                     tempfile.TemporaryDirectory(prefix=f"tnl-bench-{os.getpid()}-")
                 )
             )
-            self.ns_a = self._stack.enter_context(netns.netns("bencha"))
-            self.ns_b = self._stack.enter_context(netns.netns("benchb"))
-            netns.veth(
-                self.ns_a,
-                self.ns_b,
-                f"{UNDERLAY_A}/{UNDERLAY_PREFIX}",
-                f"{UNDERLAY_B}/{UNDERLAY_PREFIX}",
-                mtu=UNDERLAY_MTU,
-                name_a="bench-a",
-                name_b="bench-b",
-            )
-            self.ns_s = self._stack.enter_context(netns.netns("benchs"))
-            for ns, server, client, name in (
-                (self.ns_a, SERVER_S_A, CLIENT_A_S, "a"),
-                (self.ns_b, SERVER_S_B, CLIENT_B_S, "b"),
-            ):
-                netns.veth(self.ns_s, ns, f"{server}/24", f"{client}/24", mtu=UNDERLAY_MTU,
-                           name_a=f"bench-s{name}", name_b="bench-s")  # fmt: skip
+            self._build()
         except BaseException:
             self.close()
             raise
@@ -198,6 +181,27 @@ class Bench:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _build(self) -> None:
+        """The namespaces and links of this world (a subclass may build another)."""
+        self.ns_a = self._stack.enter_context(netns.netns("bencha"))
+        self.ns_b = self._stack.enter_context(netns.netns("benchb"))
+        netns.veth(
+            self.ns_a,
+            self.ns_b,
+            f"{UNDERLAY_A}/{UNDERLAY_PREFIX}",
+            f"{UNDERLAY_B}/{UNDERLAY_PREFIX}",
+            mtu=UNDERLAY_MTU,
+            name_a="bench-a",
+            name_b="bench-b",
+        )
+        self.ns_s = self._stack.enter_context(netns.netns("benchs"))
+        for ns, server, client, name in (
+            (self.ns_a, SERVER_S_A, CLIENT_A_S, "a"),
+            (self.ns_b, SERVER_S_B, CLIENT_B_S, "b"),
+        ):
+            netns.veth(self.ns_s, ns, f"{server}/24", f"{client}/24", mtu=UNDERLAY_MTU,
+                       name_a=f"bench-s{name}", name_b="bench-s")  # fmt: skip
 
     def close(self) -> None:
         """Stop every process, delete the namespaces and the temp dir (idempotent). Signals
@@ -298,7 +302,7 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-_LEFTOVER_NS_RE = re.compile(r"^tnl-bench[ab]-(\d+)-\d+$")
+_LEFTOVER_NS_RE = re.compile(r"^tnl-bench[abs]-(\d+)-\d+$")
 _LEFTOVER_DIR_RE = re.compile(r"^tnl-bench-(\d+)-")
 _LEFTOVER_SOCK_RE = re.compile(r"^wgb(\d+)[ab]\.sock$")
 
@@ -403,6 +407,39 @@ def _toml(**values: Any) -> str:
     )
 
 
+def spawn_ready(bench: Bench, ns: netns.Netns, argv: list[str], name: str) -> Proc:
+    """Start one of our daemons in ``ns`` with ``--ready-fd`` and wait until it says it is
+    ready; its log tail is in the error when it exits or stays silent."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = bench.spawn(ns, [*argv, "--ready-fd", str(write_fd)], name, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(
+                    f"{name} not ready after {READY_TIMEOUT_S:g} s:\n{proc.log_tail()}"
+                )
+            readable, _, _ = select.select([read_fd], [], [], left)
+            if readable:
+                chunk = os.read(read_fd, 64)
+                if not chunk:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.popen.wait(2)
+                    raise BenchError(
+                        f"{name} exited ({proc.popen.returncode}) before "
+                        f"becoming ready:\n{proc.log_tail()}"
+                    )
+                buf += chunk
+    finally:
+        os.close(read_fd)
+    return proc
+
+
 class Contender:
     """One way of carrying IP between the namespaces. Subclasses set ``name``, ``needs``
     (executables) and implement :meth:`start`; :meth:`stop` undoes it."""
@@ -442,34 +479,8 @@ class TunnelContender(Contender):
         return bench.run(None, [sys.executable, "-m", "tunnel", *args]).stdout
 
     def _start_ready(self, bench: Bench, ns: netns.Netns, argv: list[str], name: str) -> Proc:
-        read_fd, write_fd = os.pipe()
-        try:
-            proc = bench.spawn(ns, [*argv, "--ready-fd", str(write_fd)], name, pass_fds=(write_fd,))
-        finally:
-            os.close(write_fd)
+        proc = spawn_ready(bench, ns, argv, name)
         self.procs.append(proc)
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            buf = b""
-            while b"\n" not in buf:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BenchError(
-                        f"{name} not ready after {READY_TIMEOUT_S:g} s:\n{proc.log_tail()}"
-                    )
-                readable, _, _ = select.select([read_fd], [], [], left)
-                if readable:
-                    chunk = os.read(read_fd, 64)
-                    if not chunk:
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            proc.popen.wait(2)
-                        raise BenchError(
-                            f"{name} exited ({proc.popen.returncode}) before "
-                            f"becoming ready:\n{proc.log_tail()}"
-                        )
-                    buf += chunk
-        finally:
-            os.close(read_fd)
         return proc
 
     def start(self, bench: Bench) -> Endpoints:
