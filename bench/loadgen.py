@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness
+from bench.cores import measure_cores
 from bench.harness import Bench, BenchError, Proc, cpu_seconds, spawn_ready
+from bench.loadgen_worker import TRAFFIC_PORT
 from tests.support import netns
 
 SERVER_UNDERLAY = "10.96.0.1"  # A's end of the link to the load namespace (a /16)
@@ -441,11 +443,35 @@ def measure_size(
     return result
 
 
+# Takes the active clients' packets and never reads them: the kernel drops them when its small
+# buffer is full, without the "port unreachable" it would send for a port nobody holds.
+_UDP_SINK = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.bind(("{address}", {port}))
+time.sleep(1e9)
+"""
+
+
+def start_udp_sink(bench: LoadBench) -> None:
+    """The sink of the active phase, in A; returns once it is bound."""
+    code = _UDP_SINK.format(address=SERVER_TUNNEL_IP, port=TRAFFIC_PORT)
+    sink = bench.spawn(bench.a, [sys.executable, "-c", code], "udp-sink")
+
+    def bound() -> bool:
+        out = bench.run(bench.a, ["ss", "-Hunl", f"sport = :{TRAFFIC_PORT}"], check=False)
+        return SERVER_TUNNEL_IP in out.stdout
+
+    harness._wait_for(bound, 10, "the UDP sink to bind", [sink])
+
+
 def measure_active(
     bench: LoadBench, worker: Worker, server_pid: int, active: int, args: Any
 ) -> dict[str, Any]:
     """``active`` load clients send as fast as they can while the witness pings: what the
     server takes from them into its TUN device (the kernel's count), and the witness's RTT."""
+    start_udp_sink(bench)
     tun = f"tnl{os.getpid()}s"
     before = link_counters(bench, bench.a, tun)
     cpu0 = cpu_seconds(server_pid)
@@ -544,6 +570,9 @@ def _parse_args(argv: Sequence[str]) -> Any:
         default=4.0,
         help="length of each iperf3 run of the witness (default: %(default)s)",
     )
+    parser.add_argument("--cores", action="store_true",
+                        help="instead: what a second server worker buys (two clients at full "
+                        "speed, one server vs two; see bench/cores.py)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", type=Path,
                         help="where to write the results (default: "
                         "bench-results/loadgen-<timestamp>.json)")  # fmt: skip
@@ -585,7 +614,10 @@ def main(argv: Sequence[str], repo: Path) -> int:
     failed = False
     with harness._signals_unwind():
         try:
-            for clients in args.sizes:
+            if args.cores:
+                log("== one server worker vs two, two clients at full speed")
+                report["cores"] = measure_cores(args.seconds, log)
+            for clients in [] if args.cores else args.sizes:
                 log(f"== {clients} clients")
                 try:
                     with LoadBench(log) as bench:

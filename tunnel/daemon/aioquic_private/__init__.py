@@ -10,7 +10,8 @@ private name used here is in the list below): other modules call the functions h
 - :mod:`.state`: accessors for what other modules need to know (established, open, closing,
   current path, datagram size, the datagram and event queues, RTT, stream bytes unacknowledged,
   the peer's key, the channel binding, stateless resets) and the changes a new connection gets
-  (:func:`.state.tune`, :class:`.state.ResettableConnection`).
+  (:func:`.state.tune`, :class:`.state.ResettableConnection`), and the memory it gives back
+  once the handshake is over (:func:`.state.shed_handshake_buffers`).
 - :mod:`.fastpath`: the DATAGRAM fast path (sealing, opening, sending, receiving), sans-IO;
   the trio driver is :mod:`tunnel.daemon.driver`. It reads state directly, being per packet.
 - :mod:`.pmtu`: path MTU probes, datagram-size changes and loss counts.
@@ -34,12 +35,14 @@ What is used, by object (r: read, w: written, c: called, o: overridden):
     ``_network_paths`` (r; a path's ``addr``, ``is_validated`` r, ``bytes_sent`` w),
     ``_peer_cid`` (r: ``cid``, ``stateless_reset_token``), ``_host_cids`` (r; their
     ``stateless_reset_token`` w), ``_spaces`` and ``_cryptos`` (r: the 1-RTT packet space and
-    keys), ``_loss`` (r), ``_streams`` (r), ``_datagrams_pending`` (r, and w in place: popped,
+    keys; the space's ``ack_at`` w, to acknowledge at once), ``_loss`` (r), ``_streams`` (r), ``_datagrams_pending`` (r, and w in place: popped,
     evicted), ``_events`` (r, and w in place: appended, popped), ``_ping_pending``,
     ``_probe_pending``, ``_retire_connection_ids`` (r), ``_ack_delay`` (r), ``_packet_number``
     (r, w), ``_spin_bit`` (r, w), ``_spin_highest_pn`` (r, w), ``_close_at`` (r, w),
     ``_ack_eliciting_sent_since_receipt`` (r, w), ``_max_datagram_size`` (r, w),
-    ``_local_max_streams_bidi`` and ``_local_max_streams_uni`` (w), ``_idle_timeout()`` (c),
+    ``_local_max_streams_bidi`` and ``_local_max_streams_uni`` (w), ``_crypto_buffers`` (w:
+    replaced by empty ones once the handshake completes), ``_QuicConnection__frame_handlers``
+    (w in place: the epoch sets shared between connections), ``_idle_timeout()`` (c),
     ``_payload_received()`` (c), ``_replenish_connection_ids()`` (o, calling aioquic's).
     Ours, set on the connection: ``_tunnel_one_rtt`` (the 1-RTT space and keys, looked up
     once), ``_tunnel_live_cid`` (``host_cid`` while still issued: the fast receiver's) and,

@@ -18,6 +18,7 @@ import hmac
 from typing import Any
 
 from aioquic import tls
+from aioquic.buffer import Buffer
 from aioquic.quic.connection import (
     END_STATES,
     Limit,
@@ -35,8 +36,10 @@ from tunnel.daemon.quic import BURST_PACKETS, ResetTokens
 
 __all__ = [
     "BurstPacer",
+    "acknowledge_now",
     "ResettableConnection",
     "connection_binding",
+    "shed_handshake_buffers",
     "current_path",
     "datagram_queue",
     "datagram_size",
@@ -186,6 +189,39 @@ class BurstPacer(QuicPacketPacer):
             self.bucket_time = self.bucket_max
 
 
+# One frozenset per distinct set of epochs, shared by every connection's frame-handler table
+# (aioquic builds about thirty per connection: some 7 KiB each).
+_SHARED_EPOCHS: dict[frozenset[tls.Epoch], frozenset[tls.Epoch]] = {}
+_FRAME_HANDLERS = "_QuicConnection__frame_handlers"
+
+
+def _share_frame_epochs(quic: QuicConnection) -> None:
+    handlers = getattr(quic, _FRAME_HANDLERS)
+    for frame_type, (handler, epochs) in handlers.items():
+        handlers[frame_type] = (handler, _SHARED_EPOCHS.setdefault(epochs, epochs))
+
+
+def shed_handshake_buffers(quic: QuicConnection) -> None:
+    """Once the handshake is complete, give back the three 16 KiB buffers aioquic keeps for
+    the TLS messages of each epoch: about half of an idle session's memory.
+
+    Nothing writes to them later in QUIC: TLS 1.3 here has no post-handshake messages but the
+    server's tickets, written (and moved to the crypto stream) before the handshake completes,
+    and a CRYPTO frame after that only makes TLS raise an alert. Were a write ever to come, it
+    would fail inside aioquic and the connection's driver would close it, as for any fault.
+    """
+    quic._crypto_buffers = {epoch: Buffer(capacity=0) for epoch in quic._crypto_buffers}
+
+
+def acknowledge_now(quic: QuicConnection, now: float) -> None:
+    """Let the next send carry the ACK of what just arrived, rather than the timer a moment
+    later. For a peer that was quiet (a heartbeat): one wake-up and one send per PING instead
+    of two. A busy peer's ACKs keep aioquic's delay, which gathers several batches in one."""
+    space = quic._spaces[tls.Epoch.ONE_RTT]
+    if space.ack_at is not None and space.ack_at > now:
+        space.ack_at = now
+
+
 def tune(quic: QuicConnection) -> QuicConnection:
     """Apply our settings to a new connection, before it sends its transport parameters: our
     pacer, and stream limits that allow the peer exactly the streams the protocol uses (the
@@ -200,6 +236,7 @@ def tune(quic: QuicConnection) -> QuicConnection:
     quic._local_max_streams_uni = Limit(
         frame_type=QuicFrameType.MAX_STREAMS_UNI, name="max_streams_uni", value=uni
     )
+    _share_frame_epochs(quic)
     return quic
 
 

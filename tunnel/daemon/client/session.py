@@ -51,6 +51,7 @@ from tunnel.daemon.aioquic_private.state import (
     connection_binding,
     is_stateless_reset,
     peer_public_key,
+    shed_handshake_buffers,
     smoothed_rtt,
     tune,
 )
@@ -189,6 +190,7 @@ class ClientSession(Channel):
             self._fail(SessionLost(f"protocol error from server: {exc.reason}"))
 
     def _handshake_completed(self, event: HandshakeCompleted) -> None:
+        shed_handshake_buffers(self.quic)
         self.resumed = event.session_resumed
         if event.session_resumed:
             # No certificate on resumption: the ticket itself came from a session whose

@@ -42,6 +42,7 @@ from tunnel.core.admission import (
     WorkBudget,
 )
 from tunnel.daemon.aioquic_private.state import ResettableConnection, tune
+from tunnel.daemon.memory import release_free_memory
 from tunnel.daemon.quic import ResetTokens, TicketStore
 from tunnel.daemon.server.forwarder import Forwarder
 from tunnel.daemon.server.sessions import SessionTable
@@ -68,6 +69,8 @@ _KINDS = {
 # sessions that are up answered during a storm of newcomers.
 HANDSHAKE_SHARE = 0.5
 HANDSHAKE_BURST = 0.05  # seconds of work, about a dozen handshakes here
+# Handshakes after which, once none is pending, the allocator's free memory is given back.
+TRIM_AFTER = 64
 # An Initial waits no longer than this for its turn (its client retransmits and queues again).
 BACKLOG_MAX_AGE = 5.0
 
@@ -121,6 +124,7 @@ class Dispatcher:
         # What a handshake's work is measured with: this process's time, not the trio clock
         # (which stands still while we compute, and is virtual in tests).
         self.work_clock: Callable[[], float] = time.perf_counter
+        self._since_trim = 0  # handshakes ended since the allocator last gave memory back
         self.nursery: trio.Nursery | None = None  # where new sessions run; set by the server
         # The local address the datagram being handled was sent to (None: the socket's own):
         # what answers to it (new sessions, Retry, resets, Version Negotiation) leave from.
@@ -274,6 +278,12 @@ class Dispatcher:
     def handshake_finished(self, session: ServerSession) -> None:
         """A pending handshake ended (accepted, rejected or dropped): it no longer counts."""
         self.gate.finished(session.remote[0])
+        self._since_trim += 1
+        if self._since_trim >= TRIM_AFTER and not self.gate.pending_total:
+            # A storm is over: what its handshakes held, freed between the sessions that
+            # stay, goes back to the system instead of keeping the peak resident.
+            self._since_trim = 0
+            release_free_memory()
 
     def _send(self, packet: bytes, addr: Any) -> None:
         self.endpoint.send(packet, addr, self.source)
