@@ -7,8 +7,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from tunnel.core.admission import (
     SMALLEST_INITIAL,
-    Backlog,
     SMALLEST_RESET_TRIGGER,
+    Backlog,
     HandshakeGate,
     PacketKind,
     UnknownDatagram,

@@ -106,3 +106,28 @@ async def test_a_client_that_comes_back_replaces_its_old_session_at_once(autojum
         await wait_for(lambda: server.status()["sessions_closing"] == 0)
         assert len(server.table.sessions) == 1
         assert a.addresses() == first
+
+
+def test_the_collector_waits_out_a_storm_but_not_for_ever():
+    import gc
+
+    from tunnel.daemon.memory import CollectorPause
+
+    pause = CollectorPause(longest=30.0)
+    assert gc.isenabled()
+    try:
+        pause.hold(0.0)
+        assert not gc.isenabled()
+        pause.hold(10.0)
+        assert not gc.isenabled()
+        pause.hold(30.0)  # the storm lasted too long: it runs again, for as long again
+        assert gc.isenabled()
+        pause.hold(40.0)
+        assert gc.isenabled()
+        pause.hold(61.0)
+        assert not gc.isenabled()
+        pause.release(62.0)  # over
+        assert gc.isenabled()
+        assert pause.pauses == 2
+    finally:
+        gc.enable()

@@ -226,9 +226,7 @@ class Backlog(Generic[T]):
         if max_age <= 0:
             raise ValueError("max_age must be positive")
         self.max_age = max_age
-        self._entries: collections.OrderedDict[bytes, tuple[float, T]] = (
-            collections.OrderedDict()
-        )
+        self._entries: collections.OrderedDict[bytes, tuple[float, T]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -35,8 +35,9 @@ What is used, by object (r: read, w: written, c: called, o: overridden):
     ``_network_paths`` (r; a path's ``addr``, ``is_validated`` r, ``bytes_sent`` w),
     ``_peer_cid`` (r: ``cid``, ``stateless_reset_token``), ``_host_cids`` (r; their
     ``stateless_reset_token`` w), ``_spaces`` and ``_cryptos`` (r: the 1-RTT packet space and
-    keys; the space's ``ack_at`` w, to acknowledge at once), ``_loss`` (r), ``_streams`` (r), ``_datagrams_pending`` (r, and w in place: popped,
-    evicted), ``_events`` (r, and w in place: appended, popped), ``_ping_pending``,
+    keys; the space's ``ack_at`` w, to acknowledge at once), ``_loss`` (r), ``_streams``
+    (r), ``_datagrams_pending`` (r, and w in place: popped, evicted), ``_events`` (r, and w
+    in place: appended, popped), ``_ping_pending``,
     ``_probe_pending``, ``_retire_connection_ids`` (r), ``_ack_delay`` (r), ``_packet_number``
     (r, w), ``_spin_bit`` (r, w), ``_spin_highest_pn`` (r, w), ``_close_at`` (r, w),
     ``_ack_eliciting_sent_since_receipt`` (r, w), ``_max_datagram_size`` (r, w),

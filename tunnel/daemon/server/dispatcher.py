@@ -42,7 +42,7 @@ from tunnel.core.admission import (
     WorkBudget,
 )
 from tunnel.daemon.aioquic_private.state import ResettableConnection, tune
-from tunnel.daemon.memory import release_free_memory
+from tunnel.daemon.memory import CollectorPause, release_free_memory
 from tunnel.daemon.quic import ResetTokens, TicketStore
 from tunnel.daemon.server.forwarder import Forwarder
 from tunnel.daemon.server.sessions import SessionTable
@@ -125,6 +125,7 @@ class Dispatcher:
         # (which stands still while we compute, and is virtual in tests).
         self.work_clock: Callable[[], float] = time.perf_counter
         self._since_trim = 0  # handshakes ended since the allocator last gave memory back
+        self.collector = CollectorPause()
         self.nursery: trio.Nursery | None = None  # where new sessions run; set by the server
         # The local address the datagram being handled was sent to (None: the socket's own):
         # what answers to it (new sessions, Retry, resets, Version Negotiation) leave from.
@@ -132,6 +133,12 @@ class Dispatcher:
 
     async def udp_pump(self) -> None:
         """Forever: a batch of datagrams in, then one send per session that has work."""
+        try:
+            await self._pump()
+        finally:
+            self.collector.release(trio.current_time())  # never leave the process without it
+
+    async def _pump(self) -> None:
         endpoint = self.endpoint
         tun = self.forwarder.tun
         touched = self.table.touched
@@ -158,7 +165,10 @@ class Dispatcher:
                 if len(batch) < UDP_BATCH:
                     break
             if backlog:
+                self.collector.hold(now)
                 self._start_waiting(now, received)
+            else:
+                self.collector.release(now)
             writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
@@ -244,9 +254,9 @@ class Dispatcher:
 
     def _start_waiting(self, now: float, received: set[ServerSession]) -> None:
         """Start waiting handshakes, oldest first, while the work budget lasts."""
-        for waiting in self.backlog.expire(now):
+        for expired in self.backlog.expire(now):
             self.drops["handshake_expired"] += 1
-            self.gate.finished(waiting.addr[0])
+            self.gate.finished(expired.addr[0])
         budget, work_clock = self.budget, self.work_clock
         while self.backlog and budget.available(now):
             waiting = self.backlog.pop()
