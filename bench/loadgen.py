@@ -534,7 +534,9 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         ("witness RTT among active p50/p99 (ms)",
          lambda r: f"{_cell(r['active']['witness_ping']['rtt_p50_ms'])} / "
                    f"{_cell(r['active']['witness_ping']['rtt_p99_ms'])}"),
-        ("echo through every session", lambda r: f"{r['echo']['answered']}/{r['echo']['sent']}"),
+        ("echo through every session (1st try)",
+         lambda r: f"{r['echo']['answered']}/{r['echo']['sent']} "
+                   f"({r['echo'].get('answered_first_try', '-')})"),
         ("close: until 1 listed (s)", lambda r: _cell(r["close"]["seconds_to_one"])),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)

@@ -140,11 +140,21 @@ def server_metrics(status: Mapping[str, Any]) -> list[Metric]:
         "QUIC handshakes in progress.",
         status.get("pending_handshakes"),
     )
+    out += _gauge(
+        "tunnel_waiting_handshakes",
+        "Admitted QUIC Initials waiting for the handshake work budget.",
+        status.get("waiting_handshakes"),
+    )
     out += _traffic(status, sessions)
     out += _drops(status)
     out += _handshakes(status)
     for name, key, doc in (
         ("tunnel_sessions_failed", "sessions_failed", "Sessions closed for an internal error."),
+        (
+            "tunnel_sessions_replaced",
+            "sessions_replaced",
+            "Sessions replaced by a newer one of the same client and device.",
+        ),
         (
             "tunnel_protocol_violations",
             "protocol_violations",
