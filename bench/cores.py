@@ -20,10 +20,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench import harness
-from bench.harness import Bench, cpu_seconds, spawn_ready
+from bench.harness import Bench, Proc, cpu_seconds, spawn_ready
 from tests.support import netns
 
 SERVER_SIDE = ("10.94.1.1", "10.94.2.1")  # A's end of the link to B1 and to B2
@@ -51,6 +52,13 @@ def _tunnel(bench: Bench, *args: str) -> str:
     return bench.run(None, [sys.executable, "-m", "tunnel", *args]).stdout
 
 
+def _daemon(bench: Bench, ns: netns.Netns, role: str, config: Path, name: str) -> Proc:
+    """``tunnel server`` or ``tunnel client`` with ``config`` in ``ns``, once it is ready."""
+    return spawn_ready(
+        bench, ns, [sys.executable, "-m", "tunnel", role, "--config", str(config)], name
+    )
+
+
 def _layout(bench: CoresBench, workers: int, seconds: float, round_: int) -> dict[str, Any]:
     """Bring up ``workers`` servers and the two clients, run both flows at once, take it all
     down; the figures."""
@@ -74,14 +82,8 @@ def _layout(bench: CoresBench, workers: int, seconds: float, round_: int) -> dic
                 state_dir=work / f"server{index}-state",
             )
         )
-        servers.append(
-            spawn_ready(
-                bench, bench.a,
-                [sys.executable, "-m", "tunnel", "server", "--config",
-                 str(work / f"server{index}.toml")],
-                f"r{round_}-server{index}",
-            )
-        )  # fmt: skip
+        servers.append(_daemon(bench, bench.a, "server", work / f"server{index}.toml",
+                               f"r{round_}-server{index}"))  # fmt: skip
     client_ns = (bench.b, bench.s)
     targets = []
     for index, ns in enumerate(client_ns):
@@ -97,14 +99,8 @@ def _layout(bench: CoresBench, workers: int, seconds: float, round_: int) -> dic
                 state_dir=work / f"client{index}-state",
             )
         )
-        clients.append(
-            spawn_ready(
-                bench, ns,
-                [sys.executable, "-m", "tunnel", "client", "--config",
-                 str(work / f"client{index}.toml")],
-                f"r{round_}-client{index}",
-            )
-        )  # fmt: skip
+        clients.append(_daemon(bench, ns, "client", work / f"client{index}.toml",
+                               f"r{round_}-client{index}"))  # fmt: skip
         target = f"{POOLS[worker]}.1"
         targets.append(target)
         harness._wait_reachable(bench, ns, target, [*servers, *clients])
