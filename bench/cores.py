@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness
-from bench.harness import Bench, Proc, cpu_seconds, spawn_ready
+from bench.harness import Bench, Proc, cpu_seconds, runqueue_wait_seconds, spawn_ready
 from tests.support import netns
 
 SERVER_SIDE = ("10.94.1.1", "10.94.2.1")  # A's end of the link to B1 and to B2
@@ -111,6 +111,7 @@ def _layout(bench: CoresBench, workers: int, seconds: float, round_: int) -> dic
     time.sleep(0.5)  # both iperf3 servers listening (they print nothing a script could wait on)
     cpu_server = sum(cpu_seconds(p.pid) for p in servers)
     cpu_client = sum(cpu_seconds(p.pid) for p in clients)
+    wait_server = sum(runqueue_wait_seconds(p.pid) for p in servers)
     flows = [
         bench.spawn(
             ns,
@@ -127,6 +128,7 @@ def _layout(bench: CoresBench, workers: int, seconds: float, round_: int) -> dic
     took = time.monotonic() - began
     cpu_server = sum(cpu_seconds(p.pid) for p in servers) - cpu_server
     cpu_client = sum(cpu_seconds(p.pid) for p in clients) - cpu_client
+    wait_server = sum(runqueue_wait_seconds(p.pid) for p in servers) - wait_server
     goodputs = [
         round(harness.parse_iperf3(flow.log_path.read_text(errors="replace"))["mbit_s"], 1)
         for flow in flows
@@ -139,6 +141,8 @@ def _layout(bench: CoresBench, workers: int, seconds: float, round_: int) -> dic
         "aggregate_mbit_s": round(sum(goodputs), 1),
         "server_cpu_percent": round(100 * cpu_server / took, 1),
         "clients_cpu_percent": round(100 * cpu_client / took, 1),
+        # runnable but waiting for a CPU: the machine, not the server, set the pace
+        "server_waiting_for_cpu_percent": round(100 * wait_server / took, 1),
     }
 
 
@@ -151,6 +155,7 @@ def measure_cores(seconds: float, log: Callable[[str], None]) -> list[dict[str, 
             flows = " + ".join(str(g) for g in result["flows_mbit_s"])
             log(f"  {workers} worker(s): {result['aggregate_mbit_s']} Mbit/s ({flows}), "
                 f"server side {result['server_cpu_percent']} % CPU, "
+                f"waiting for a CPU {result['server_waiting_for_cpu_percent']} %, "
                 f"clients {result['clients_cpu_percent']} %")  # fmt: skip
             results.append(result)
     return results
