@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from tunnel.core.ratelimit import TokenBucket
+from tunnel.core.ratelimit import Bucket, TokenBucket
 
 __all__ = [
     "Backlog",
@@ -172,7 +172,7 @@ class HandshakeGate:
             del self.pending_by_source[source]
 
 
-class WorkBudget:
+class WorkBudget(Bucket):
     """Seconds of work the server may spend on new handshakes: ``share`` of every second on
     average, at most ``burst`` seconds at once.
 
@@ -182,26 +182,20 @@ class WorkBudget:
     zero again.
     """
 
-    __slots__ = ("share", "burst", "_level", "_since")
+    __slots__ = ()
 
     def __init__(self, *, share: float, burst: float) -> None:
         if not 0 < share <= 1 or burst <= 0:
             raise ValueError("share must be in (0, 1] and burst positive")
-        self.share = share
-        self.burst = burst
-        self._level = burst
-        self._since: float | None = None
+        super().__init__(rate=share, burst=burst)
 
-    def _refill(self, now: float) -> None:
-        if self._since is not None and now > self._since:
-            self._level = min(self.burst, self._level + (now - self._since) * self.share)
-        if self._since is None or now > self._since:
-            self._since = now
+    @property
+    def share(self) -> float:
+        return self.rate
 
     def available(self, now: float) -> bool:
         """May another handshake start now?"""
-        self._refill(now)
-        return self._level > 0
+        return self._refill(now) > 0
 
     def spent(self, now: float, seconds: float) -> None:
         """A handshake start took ``seconds`` of work."""
@@ -210,10 +204,10 @@ class WorkBudget:
 
     def ready_at(self, now: float) -> float:
         """When :meth:`available` will be true again (``now`` if it is)."""
-        self._refill(now)
-        if self._level > 0:
+        level = self._refill(now)
+        if level > 0:
             return now
-        return now + (-self._level) / self.share + 1e-6
+        return now + -level / self.rate + 1e-6
 
 
 class Backlog(Generic[T]):

@@ -52,29 +52,45 @@ class FailureLimiter:
         return len(self._buckets)
 
 
-class TokenBucket:
+class Bucket:
+    """A level that refills at ``rate`` a second up to ``burst``: what :class:`TokenBucket`
+    and the handshake budget (:class:`tunnel.core.admission.WorkBudget`) spend from."""
+
+    __slots__ = ("rate", "burst", "_level", "_since")
+
+    def __init__(self, *, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._level = burst
+        self._since: float | None = None
+
+    def _refill(self, now: float) -> float:
+        """The level at ``now`` (a ``now`` earlier than the last one changes nothing)."""
+        since = self._since
+        if since is None or now > since:
+            if since is not None:
+                self._level = min(self.burst, self._level + (now - since) * self.rate)
+            self._since = now
+        return self._level
+
+
+class TokenBucket(Bucket):
     """At most ``burst`` events at once and ``rate`` a second on average; one bucket, no keys.
 
     For work a peer can ask of us at will (answering its pings): beyond the budget the request
     is ignored, so a flood costs us a counter, not a queue.
     """
 
-    __slots__ = ("rate", "burst", "_level", "_since")
+    __slots__ = ()
 
     def __init__(self, *, rate: float, burst: float) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
-        self.rate = rate
-        self.burst = burst
-        self._level = burst
-        self._since: float | None = None
+        super().__init__(rate=rate, burst=burst)
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one."""
-        if self._since is not None:
-            self._level = min(self.burst, self._level + (now - self._since) * self.rate)
-        self._since = now
-        if self._level >= 1:
+        if self._refill(now) >= 1:
             self._level -= 1
             return True
         return False
