@@ -30,6 +30,7 @@ __all__ = [
     "ip_header_untrusted",
     "ip_version",
     "is_link_local_source",
+    "ones_complement_sum",
     "udp_destination_port_untrusted",
     "udp_ports_untrusted",
 ]
@@ -148,20 +149,27 @@ def is_link_local_source(src: bytes) -> bool:
     return len(src) == 16 and src[0] == 0xFE and (src[1] & 0xC0) == 0x80
 
 
-def internet_checksum(data: bytes) -> int:
-    """The RFC 1071 Internet checksum of ``data`` (padded with a zero byte if odd).
-
-    Checksumming data that includes its own correct checksum gives 0.
-    """
+def ones_complement_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The 16-bit one's complement sum of ``data`` (big-endian words, an odd byte padded
+    with zero) plus ``initial``, folded, not inverted: what a checksum field holds for a
+    packet whose checksum is left to be completed (a pseudo-header sum)."""
     if len(data) % 2:
         data = bytes(data) + b"\x00"
     # 65536 == 1 (mod 65535), so the big-endian integer of the data is congruent to the sum of
     # its 16-bit words, which is what one's complement addition computes.
-    value = int.from_bytes(data, "big")
+    value = int.from_bytes(data, "big") + initial
     total = value % 0xFFFF
     if total == 0 and value:
         total = 0xFFFF  # one's complement sum of non-zero data is never +0
-    return ~total & 0xFFFF
+    return total
+
+
+def internet_checksum(data: bytes | bytearray | memoryview) -> int:
+    """The RFC 1071 Internet checksum of ``data`` (padded with a zero byte if odd).
+
+    Checksumming data that includes its own correct checksum gives 0.
+    """
+    return ~ones_complement_sum(data) & 0xFFFF
 
 
 def _check_udp_args(sport: int, dport: int, payload: bytes, limit: int) -> None:

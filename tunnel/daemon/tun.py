@@ -2,6 +2,12 @@
 
 A device opened this way (not persistent) vanishes, with every address and route on it, when its
 fd is closed, so closing the fd is the last word of cleanup whatever the exit path.
+
+Opened with a virtio-net header (``IFF_VNET_HDR``) where the kernel allows it: every read and
+write then carries 10 bytes before the packet, and a write may hand the kernel a run of TCP
+segments as one packet (:mod:`tunnel.core.coalesce`), which its TCP receive path takes in one
+go. Packets from the tunnel are queued (:meth:`TunDevice.queue`) and written when the batch
+they came in is over (:meth:`TunDevice.flush`).
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import time
 
 import trio
 
+from tunnel.core.coalesce import PLAIN, VNET_HEADER_LEN, coalesce, segment, segment_count
 from tunnel.core.readahead import ReadAhead
 from tunnel.errors import SystemSetupError
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 _IFREQ = "16sH"
 # Larger than any MTU we configure; a read never returns more than one packet.
 READ_SIZE = 65536
@@ -28,15 +36,22 @@ READ_SIZE = 65536
 class TunDevice:
     """An open TUN device. Owns its fd: ``close()`` (or the context manager) removes the device."""
 
-    def __init__(self, name: str = "tunnel%d") -> None:
+    def __init__(self, name: str = "tunnel%d", *, merge: bool = True) -> None:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise SystemSetupError(f"cannot open /dev/net/tun: {exc.strerror}") from exc
+        flags = IFF_TUN | IFF_NO_PI
         try:
-            ifr = fcntl.ioctl(
-                fd, TUNSETIFF, struct.pack(_IFREQ, name.encode(), IFF_TUN | IFF_NO_PI)
-            )
+            try:
+                ifr = fcntl.ioctl(
+                    fd, TUNSETIFF, struct.pack(_IFREQ, name.encode(), flags | IFF_VNET_HDR * merge)
+                )
+            except OSError as exc:
+                if not merge or exc.errno != errno.EINVAL:
+                    raise
+                merge = False  # a kernel without virtio-net headers on TUN: plain packets
+                ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, name.encode(), flags))
         except OSError as exc:
             os.close(fd)
             if exc.errno == errno.EBUSY:
@@ -46,9 +61,14 @@ class TunDevice:
             ) from exc
         self.fd: int = fd
         self.name: str = ifr[:16].rstrip(b"\0").decode()
+        # Whether reads and writes carry a virtio-net header, and runs of segments are merged.
+        self.vnet_header: bool = merge
+        self.merging: bool = merge
         self.write_drops = 0
         self.writes = 0  # packets handed to the kernel
+        self.merged = 0  # of those, packets that went inside another's write
         self.read_ahead = ReadAhead()
+        self._queued: list[bytes] = []
 
     def __enter__(self) -> TunDevice:
         return self
@@ -90,14 +110,67 @@ class TunDevice:
             if exc.errno not in (errno.EBADF, errno.EIO):
                 raise
         self.read_ahead.last_count = len(packets)
+        if self.vnet_header:
+            packets = self._strip_headers(packets)
+        return packets
+
+    @staticmethod
+    def _strip_headers(raw: list[bytes]) -> list[bytes]:
+        packets = []
+        for data in raw:
+            if data[0] or data[1]:
+                # A checksum to complete or segments to cut: the kernel does not ask for either
+                # without offloads turned on (TUNSETOFFLOAD), but if it does, do its part.
+                try:
+                    packets.extend(segment(data[:VNET_HEADER_LEN], data[VNET_HEADER_LEN:]))
+                except ValueError:
+                    continue
+            else:
+                packets.append(data[VNET_HEADER_LEN:])
         return packets
 
     def write(self, packet: bytes) -> None:
-        """Hand one packet to the kernel; drop (and count) if the kernel queue is full."""
+        """Hand one packet to the kernel now; drop (and count) if the kernel refuses it."""
         try:
-            os.write(self.fd, packet)
+            os.write(self.fd, PLAIN + packet if self.vnet_header else packet)
             self.writes += 1
         except (BlockingIOError, OSError):
             # EAGAIN: queue full; EINVAL: the kernel refused a malformed packet. Either way the
             # packet is gone, like on a congested link, and it is counted.
             self.write_drops += 1
+
+    def queue(self, packet: bytes) -> None:
+        """Hand one packet to the kernel at the next :meth:`flush` (at once when runs are not
+        merged). For the packets of a batch of datagrams: whoever queues flushes."""
+        if self.merging:
+            self._queued.append(packet)
+        else:
+            self.write(packet)
+
+    def flush(self) -> None:
+        """Write what was queued, each run of TCP segments of a flow as one packet."""
+        queued = self._queued
+        if not queued:
+            return
+        self._queued = []
+        if len(queued) == 1:
+            self.write(queued[0])
+            return
+        writev = os.writev
+        fd = self.fd
+        for header, packet in coalesce(queued):
+            if header is PLAIN:
+                self.write(packet)  # type: ignore[arg-type]
+                continue
+            count = segment_count(header, packet)
+            try:
+                writev(fd, (header, packet))
+                self.writes += count
+                self.merged += count - 1
+            except BlockingIOError:
+                self.write_drops += count
+            except OSError:
+                # This kernel refuses merged packets: from now on, one packet per write.
+                self.merging = False
+                for piece in segment(header, packet):
+                    self.write(piece)

@@ -136,6 +136,9 @@ class FakeTun:
         self.answer = answer
         self.inbox = _Inbox()
         self.written: list[bytes] = []
+        self.queued: list[bytes] = []
+        self.merging = False  # the real device's: runs of segments are merged when flushed
+        self.merged = 0
         self._written_lot = trio.lowlevel.ParkingLot()
         self.write_drops = 0
         self.writes = 0
@@ -148,6 +151,16 @@ class FakeTun:
 
     def read_batch(self, limit: int = 64) -> list[bytes]:
         return self.inbox.take(limit)
+
+    def queue(self, packet: bytes) -> None:
+        """Held until :meth:`flush`, like the real device's merging: a daemon that forgets to
+        flush loses its packets here too."""
+        self.queued.append(bytes(packet))
+
+    def flush(self) -> None:
+        queued, self.queued = self.queued, []
+        for packet in queued:
+            self.write(packet)
 
     def write(self, packet: bytes) -> None:
         self.writes += 1

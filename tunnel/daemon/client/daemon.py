@@ -142,6 +142,8 @@ class Client:
             "server_id": encode_public_id(self.config.server_id),
             "state": supervisor.state,
             "tun": tun.name if tun else None,
+            "tun_merge": tun.merging if tun else None,
+            "tun_merged": tun.merged if tun else 0,
             "addresses": addresses,
             "dns": self.network.dns_status(),
             "kill_switch": self.config.kill_switch,

@@ -312,7 +312,7 @@ class PeerConnection(Channel):
         elif header[2] not in self.peers.session.own_addresses:
             self.drops["peer_not_ours"] += 1
         elif tun is not None:
-            tun.write(packet)
+            tun.queue(packet)  # the client's receive loop flushes after the batch
 
     def _failed(self, exc: Exception) -> None:
         log.info(

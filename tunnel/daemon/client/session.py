@@ -241,7 +241,7 @@ class ClientSession(Channel):
             # the tunnel to inject traffic for other hosts behind this client.
             self.drops["not_ours"] += 1
             return
-        self.tun.write(packet)
+        self.tun.queue(packet)  # written when the batch is over
 
     def _identity_verified(self) -> None:
         self.identity_verified = True
@@ -351,6 +351,8 @@ class ClientSession(Channel):
             driver.deliver_events()
             if peers is not None:
                 peers.deliver_events()
+            if tun is not None:
+                tun.flush()  # the batch's packets for the kernel, runs of segments merged
             if tun is not None and tun.writes != writes:
                 # What the kernel answered inside our write (TCP ACKs) joins this send.
                 self._forward_from_tun(tun)

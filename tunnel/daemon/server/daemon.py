@@ -307,6 +307,8 @@ class Server:
             **self.table.status(),
             **self.introducer.status(),
             "udp_gso": self.endpoint.gso,  # segmentation offload still in use
+            "tun_merge": self.tun.merging,  # runs of TCP segments written as one packet
+            "tun_merged": self.tun.merged,
             "drops": dict(self.drops),
             "nat64": self.forwarder.nat64_status(str(self.config.nat64.prefix)),
         }

@@ -173,6 +173,7 @@ class Dispatcher:
             for session in received:
                 session.driver.deliver_events()
                 session.after_batch(now)
+            tun.flush()  # the batch's packets for the kernel, runs of segments merged
             if tun.writes != writes:
                 # The kernel answers some packets inside our write (an echo reply, a TCP ACK):
                 # take those now, into this batch's send, not after another scheduler round.

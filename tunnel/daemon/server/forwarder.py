@@ -56,7 +56,8 @@ class Forwarder:
         self.drops = Drops()
 
     def from_client(self, session: ServerSession, packet: bytes) -> None:
-        """Hot path: a packet arrived from ``session``'s client. The caller flushes."""
+        """Hot path: a packet arrived from ``session``'s client. The caller flushes the
+        sessions and the TUN device."""
         session.bytes_in += len(packet)
         session.packets_in += 1
         # Only the IP packet itself goes on, never bytes a client appended after it.
@@ -84,13 +85,13 @@ class Forwarder:
         if version == 6 and dst[:12] == self.nat64_prefix:
             self._nat64_outbound(session, packet)
             return
-        self.tun.write(packet)
+        self.tun.queue(packet)
 
     def _nat64_outbound(self, session: ServerSession, packet: bytes) -> None:
         assert self.nat64 is not None
         result = self.nat64.outbound(packet, trio.current_time())
         if result.packet is not None:
-            self.tun.write(result.packet)
+            self.tun.queue(result.packet)
         if result.reply is not None:
             session.send_packet(result.reply)  # e.g. hop limit exceeded, back to the client
         if result.drop is not None:
