@@ -6,6 +6,7 @@ so 127.0.0.2 plays a host's second address; the namespace test does IPv6 with tw
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -17,8 +18,11 @@ from tunnel.daemon.udp import (
     IPV6_MTU_DISCOVER,
     IPV6_PMTUDISC_PROBE,
     LOCAL_CACHE_SIZE,
+    SOL_UDP,
+    UDP_GRO,
     LocalAddress,
     UdpEndpoint,
+    split_run,
 )
 
 
@@ -73,6 +77,40 @@ async def test_batches_arrive_as_the_same_datagrams_in_order():
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
+async def test_a_run_received_in_one_buffer_is_split_back_into_its_datagrams(bind: str) -> None:
+    sender = await UdpEndpoint.bind("127.0.0.1", 0, key="test")
+    receiver = await UdpEndpoint.bind(bind, 0, key="test", reply_from_target=True)
+    try:
+        assert receiver.gro  # loopback keeps a GSO run whole for a socket that asks for it
+        to = ("127.0.0.1", receiver.local_address[1])
+        sizes = [1200] * 20 + [300]
+        datagrams = [(bytes([i]) * size, to) for i, size in enumerate(sizes)]
+        sender.send_batch(datagrams)
+        got = await receive_with_local(receiver, len(datagrams))
+        assert [data for data, _, _ in got] == [d for d, _ in datagrams]
+        assert all(addr == sender.local_address for _, addr, _ in got)
+        if bind == "0.0.0.0":
+            assert {local.host for _, _, local in got if local is not None} == {"127.0.0.1"}
+            assert all(local is not None for _, _, local in got)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_run_splits_at_its_size_and_anything_else_stays_whole() -> None:
+    gro = [(SOL_UDP, UDP_GRO, (100).to_bytes(4, sys.byteorder))]
+    assert split_run(b"a" * 100 + b"b" * 100 + b"c" * 30, gro) == [
+        b"a" * 100,
+        b"b" * 100,
+        b"c" * 30,
+    ]
+    assert split_run(b"x" * 100, gro) == [b"x" * 100]
+    assert split_run(b"x" * 50, []) == [b"x" * 50]
+    assert split_run(b"x" * 50, [(SOL_UDP, UDP_GRO, b"\0\0\0\0")]) == [b"x" * 50]
+    assert split_run(b"x" * 50, [(0, 8, b"pktinfo.....")]) == [b"x" * 50]
 
 
 async def test_ipv6_dual_stack_endpoint_talks_to_ipv4_peers():

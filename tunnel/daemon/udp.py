@@ -34,6 +34,10 @@ RECV_SIZE = 65535
 # UDP segmentation offload (Linux): Python's socket module lacks the names.
 SOL_UDP = 17
 UDP_SEGMENT = 103
+# ... and its receiving half: the kernel hands over a run of equal-size datagrams from one
+# sender in one buffer, with the size in a control message (an int).
+UDP_GRO = 104
+GRO_SPACE = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 # What a kernel or device that cannot segment answers a GSO send with.
@@ -49,8 +53,8 @@ IP_MTU_DISCOVER = 10
 IP_PMTUDISC_PROBE = 3
 IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_PROBE = 3
-# Room for the one control message a receive asks for.
-PKTINFO_SPACE = socket.CMSG_SPACE(IN6_PKTINFO_SIZE)
+# Room for the control messages a receive asks for.
+PKTINFO_SPACE = socket.CMSG_SPACE(IN6_PKTINFO_SIZE) + GRO_SPACE
 # Distinct local addresses an endpoint keeps decoded: a host has a handful (per interface).
 LOCAL_CACHE_SIZE = 64
 _NO_IFINDEX = bytes(4)
@@ -116,6 +120,8 @@ class UdpEndpoint:
         # GSO: a run of equal-size datagrams to one address in one sendmsg. Off for good if
         # the kernel or device refuses it.
         self.gso = True
+        # GRO: runs of datagrams from one sender received in one buffer, where the kernel can.
+        self.gro = _enable_gro(sock)
         self.reply_from_target = reply_from_target
         # raw packet info -> its decoded LocalAddress, so a receive decodes nothing
         self._locals: dict[bytes, LocalAddress] = {}
@@ -179,8 +185,11 @@ class UdpEndpoint:
         await trio.lowlevel.wait_readable(self.sock)
 
     def receive_batch(self, limit: int) -> list[tuple[bytes, Any]]:
-        """Up to ``limit`` datagrams that are already waiting; never blocks. After a quiet
-        spell only the first: see :mod:`tunnel.core.readahead`."""
+        """Up to ``limit`` datagrams that are already waiting (a few more when the last
+        receive held a run of them); never blocks. After a quiet spell only the first
+        receive: see :mod:`tunnel.core.readahead`."""
+        if self.gro:
+            return self._receive_runs(limit)
         batch = []
         recvfrom = self.sock.recvfrom
         try:
@@ -197,6 +206,29 @@ class UdpEndpoint:
         self.read_ahead.last_count = len(batch)
         return batch
 
+    def _receive_runs(self, limit: int) -> list[tuple[bytes, Any]]:
+        batch: list[tuple[bytes, Any]] = []
+        recvmsg = self.sock.recvmsg
+        try:
+            data, ancdata, _, addr = recvmsg(RECV_SIZE, GRO_SPACE)
+            if ancdata:
+                batch.extend((piece, addr) for piece in split_run(data, ancdata))
+            else:
+                batch.append((data, addr))
+            if self.read_ahead.should_drain(time.monotonic()):
+                while len(batch) < limit:
+                    data, ancdata, _, addr = recvmsg(RECV_SIZE, GRO_SPACE)
+                    if ancdata:
+                        batch.extend((piece, addr) for piece in split_run(data, ancdata))
+                    else:
+                        batch.append((data, addr))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass  # as in receive_batch
+        self.read_ahead.last_count = len(batch)
+        return batch
+
     def receive_batch_with_local(self, limit: int) -> list[tuple[bytes, Any, LocalAddress | None]]:
         """:meth:`receive_batch`, each datagram with the local address it was sent to: the
         ``source`` to answer it from. ``None`` where the endpoint does not know (not bound
@@ -207,15 +239,24 @@ class UdpEndpoint:
         recvmsg = self.sock.recvmsg
         known = self._locals
         try:
-            # The kernel puts packet info last: look it up directly, decode only on a miss.
+            # The kernel puts packet info last (after a run's size): look it up directly,
+            # decode only on a miss.
             data, ancdata, _, addr = recvmsg(RECV_SIZE, PKTINFO_SPACE)
             local = known.get(ancdata[-1][2]) if ancdata else None
-            batch.append((data, addr, local or self._learn(ancdata)))
+            local = local or self._learn(ancdata)
+            if ancdata and ancdata[0][0] == SOL_UDP:  # a run's size comes first
+                batch.extend((piece, addr, local) for piece in split_run(data, ancdata))
+            else:
+                batch.append((data, addr, local))
             if self.read_ahead.should_drain(time.monotonic()):
-                for _ in range(limit - 1):
+                while len(batch) < limit:
                     data, ancdata, _, addr = recvmsg(RECV_SIZE, PKTINFO_SPACE)
                     local = known.get(ancdata[-1][2]) if ancdata else None
-                    batch.append((data, addr, local or self._learn(ancdata)))
+                    local = local or self._learn(ancdata)
+                    if ancdata and ancdata[0][0] == SOL_UDP:
+                        batch.extend((piece, addr, local) for piece in split_run(data, ancdata))
+                    else:
+                        batch.append((data, addr, local))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
@@ -372,3 +413,23 @@ def _is_literal(host: str) -> bool:
 
 def _is_ipv6(host: str) -> bool:
     return ":" in host or host == ""
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False  # an older kernel, or not a UDP socket of a family that has it
+    return True
+
+
+def split_run(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams in one received buffer: a run the kernel merged (its size in a
+    ``UDP_GRO`` control message; the last may be shorter) or just the one datagram."""
+    for level, kind, raw in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(raw) >= 4:
+            size = int.from_bytes(raw[:4], sys.byteorder)
+            if 0 < size < len(data):
+                return [data[i : i + size] for i in range(0, len(data), size)]
+            break
+    return [data]
