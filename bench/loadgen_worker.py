@@ -98,6 +98,11 @@ class CountingTun:
             if self.on_echo_reply is not None:
                 self.on_echo_reply()
 
+    queue = write  # nothing to merge: counted at once
+
+    def flush(self) -> None:
+        pass
+
     def read_batch(self, limit: int = 64) -> list[bytes]:
         return []
 

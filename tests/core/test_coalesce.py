@@ -8,6 +8,7 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.tcpseg import ACK, DST4, FIN, PSH, SRC4, TIMESTAMPS, tcp_packet
 from tunnel.core.coalesce import (
     GSO_NONE,
     GSO_TCPV4,
@@ -18,49 +19,7 @@ from tunnel.core.coalesce import (
     segment,
     segment_count,
 )
-from tunnel.core.ippacket import internet_checksum, ones_complement_sum
-
-SRC4, DST4 = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])
-SRC6, DST6 = bytes.fromhex("fd00" + "00" * 13 + "02"), bytes.fromhex("fd00" + "00" * 13 + "01")
-ACK, PSH, FIN, SYN = 0x10, 0x08, 0x01, 0x02
-TIMESTAMPS = bytes([1, 1, 8, 10]) + struct.pack("!II", 1234, 5678)
-
-
-def tcp_packet(
-    payload: bytes,
-    *,
-    seq: int,
-    v6: bool = False,
-    sport: int = 40000,
-    dport: int = 5201,
-    flags: int = ACK,
-    ack: int = 99,
-    window: int = 500,
-    options: bytes = TIMESTAMPS,
-    ip_id: int = 7,
-    df: bool = True,
-    ttl: int = 64,
-    tos: int = 0,
-) -> bytes:
-    """A TCP segment with correct checksums, as a sender's kernel makes it."""
-    src, dst = (SRC6, DST6) if v6 else (SRC4, DST4)
-    doff = (20 + len(options)) // 4
-    tcp = bytearray(
-        struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, window, 0, 0)
-        + options
-        + payload
-    )
-    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp[16:18] = internet_checksum(pseudo + tcp).to_bytes(2, "big")
-    if v6:
-        return struct.pack("!IHBB", (6 << 28) | (tos << 20), len(tcp), 6, ttl) + src + dst + tcp
-    ip = bytearray(
-        struct.pack("!BBHHHBBH", 0x45, tos, 20 + len(tcp), ip_id, 0x4000 if df else 0, ttl, 6, 0)
-        + src
-        + dst
-    )
-    ip[10:12] = internet_checksum(ip).to_bytes(2, "big")
-    return bytes(ip) + tcp
+from tunnel.core.ippacket import ones_complement_sum
 
 
 def flow(

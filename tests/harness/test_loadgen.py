@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.loadgen import load_sources, parse_ping_lines, percentile
-from bench.loadgen_worker import echo_request, is_echo_reply
+from bench.loadgen_worker import CountingTun, echo_request, is_echo_reply
 from tunnel.core.ippacket import internet_checksum
+from tunnel.testing.fakes import FakeTun
 
 
 def test_percentile_is_nearest_rank():
@@ -55,3 +56,18 @@ def test_load_sources_are_distinct_addresses_on_one_slash_16():
     assert all(
         ipaddress.ip_interface(s).network == ipaddress.ip_network("10.96.0.0/16") for s in sources
     )
+
+
+def test_the_counting_tun_takes_packets_every_way_a_client_session_hands_them_over():
+    # What a session calls on a TUN device (the fake's public face) the counter has too.
+    public = {name for name in vars(FakeTun) if not name.startswith("_")}
+    needed = public - {"inject", "wait_written", "closed", "close", "wait_readable"}
+    assert needed <= set(dir(CountingTun))
+    src, dst = ipaddress.IPv4Address("10.80.0.1").packed, ipaddress.IPv4Address("10.80.0.9").packed
+    request = echo_request(src, dst, 7, 1)
+    reply = request[:20] + b"\x00" + request[21:]
+    tun = CountingTun()
+    tun.queue(reply)
+    tun.write(reply)
+    tun.flush()
+    assert tun.echo_replies == 2 and tun.read_batch() == []

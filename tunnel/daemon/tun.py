@@ -29,6 +29,8 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 _IFREQ = "16sH"
+# Merged writes refused in a row before writing one packet per write for good.
+MERGE_REFUSALS_TOLERATED = 8
 # Larger than any MTU we configure; a read never returns more than one packet.
 READ_SIZE = 65536
 
@@ -67,6 +69,7 @@ class TunDevice:
         self.write_drops = 0
         self.writes = 0  # packets handed to the kernel
         self.merged = 0  # of those, packets that went inside another's write
+        self.merge_refusals = 0  # merged writes the kernel refused in a row
         self.read_ahead = ReadAhead()
         self._queued: list[bytes] = []
 
@@ -167,10 +170,15 @@ class TunDevice:
                 writev(fd, (header, packet))
                 self.writes += count
                 self.merged += count - 1
+                self.merge_refusals = 0
             except BlockingIOError:
                 self.write_drops += count
             except OSError:
-                # This kernel refuses merged packets: from now on, one packet per write.
-                self.merging = False
+                # Refused: the segments one by one instead. A kernel that refuses every merged
+                # packet gets plain ones from then on; one odd run (a peer's odd segments)
+                # does not turn merging off for everyone.
+                self.merge_refusals += 1
+                if self.merge_refusals >= MERGE_REFUSALS_TOLERATED:
+                    self.merging = False
                 for piece in segment(header, packet):
                     self.write(piece)
