@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.support.netns import netns, run
@@ -14,9 +15,13 @@ from tests.support.netns import netns, run
 PEER = str(Path(__file__).resolve().parent / "tun_merge_peer.py")
 
 
-async def test_the_kernel_reads_and_acknowledges_a_merged_run_as_the_segments_it_holds() -> None:
+@pytest.mark.parametrize("version", [4, 6], ids=["ipv4", "ipv6"])
+async def test_the_kernel_reads_and_acknowledges_a_merged_run_as_the_segments_it_holds(
+    version: int,
+) -> None:
     with trio.fail_after(60), netns("tunmerge") as ns:
-        proc = await run(ns, [sys.executable, PEER, "--count", "30"], timeout=30)
+        argv = [sys.executable, PEER, "--count", "30", "--ip", str(version)]
+        proc = await run(ns, argv, timeout=30)
         result = json.loads(proc.stdout)
         assert result["data_ok"], result
         assert result["acked"] == result["sent"] == 30 * 1000, result
