@@ -86,10 +86,12 @@ class _Run:
         "packets",
         "header_len",
         "length",
+        "limit",
+        "sequential_ids",
     )
 
     def __init__(
-        self, packet: bytes, ip_len: int, header_len: int, seq: int, payload: int, match: bytes
+        self, packet: bytes, ip_len: int, header_len: int, seq: int, payload: int, match: int
     ) -> None:
         self.packets = [packet]
         self.ip_len = ip_len
@@ -99,23 +101,29 @@ class _Run:
         self.length = len(packet)
         self.match = match
         self.first_id = (packet[4] << 8) | packet[5] if ip_len == 20 else 0
+        # Without Don't Fragment (the same for the whole run: it is part of the match) the
+        # identifications must be what segmentation recreates.
+        self.sequential_ids = ip_len == 20 and not packet[6] & 0x40
+        # IPv4 counts its total length in 16 bits, IPv6 its payload length.
+        self.limit = _MAX_LENGTH + (ip_len == 40) * 40
         self.count = 1
         self.closed = bool(packet[ip_len + 13] & _PSH)
 
-    def take(self, packet: bytes, seq: int, payload: int, match: bytes) -> bool:
+    def take(self, packet: bytes, seq: int, payload: int, match: int) -> bool:
         """Append ``packet`` if it continues this run; False if it does not (nothing changes)."""
         if (
             self.closed
             or seq != self.next_seq
             or payload > self.mss
             or match != self.match
-            or self.length + payload - (self.ip_len == 40) * 40 > _MAX_LENGTH
+            or self.length + payload > self.limit
         ):
             return False
-        if self.ip_len == 20 and not packet[6] & 0x40:
-            # Without Don't Fragment the identifications must be what segmentation recreates.
-            if ((packet[4] << 8) | packet[5]) != (self.first_id + self.count) & 0xFFFF:
-                return False
+        if (
+            self.sequential_ids
+            and ((packet[4] << 8) | packet[5]) != (self.first_id + self.count) & 0xFFFF
+        ):
+            return False
         self.packets.append(packet)
         self.count += 1
         self.length += payload
@@ -154,7 +162,7 @@ class _Run:
         return header, body
 
 
-def _tcp_segment(packet: bytes) -> tuple[bytes, int, int, int, int, bytes] | None:
+def _tcp_segment(packet: bytes) -> tuple[bytes, int, int, int, int, int] | None:
     """(flow key, IP header length, IP+TCP header length, sequence number, payload length,
     fields that must match) of a segment that may join a run, else None. Never raises."""
     n = len(packet)
@@ -166,25 +174,40 @@ def _tcp_segment(packet: bytes) -> tuple[bytes, int, int, int, int, bytes] | Non
             return None  # not TCP, a fragment, or a length that is not the packet's
         ip_len = 20
         key = packet[12:24]
-        ip_match = packet[:2] + packet[6:10]
     elif first >> 4 == 6:
         if n < 60 or packet[6] != _TCP or n != 40 + ((packet[4] << 8) | packet[5]):
             return None
         ip_len = 40
         key = packet[8:44]
-        ip_match = packet[:4] + packet[6:8]
     else:
         return None
     header_len = ip_len + (packet[ip_len + 12] >> 4) * 4
     flags = packet[ip_len + 13]
     if header_len < ip_len + 20 or header_len >= n or flags & ~_PSH != _ACK:
         return None  # a bad data offset, no payload, or flags other than ACK and PSH
-    t = ip_len
-    match = (
-        ip_match + packet[t + 8 : t + 13] + packet[t + 14 : t + 16] + packet[t + 20 : header_len]
-    )
-    seq = int.from_bytes(packet[t + 4 : t + 8], "big")
+    # Every header byte but those that differ from segment to segment, as one integer.
+    mask = _MASKS.get(header_len - ip_len + ip_len * 256) or _mask(ip_len, header_len)
+    match = int.from_bytes(packet[:header_len], "big") & mask
+    seq = int.from_bytes(packet[ip_len + 4 : ip_len + 8], "big")
     return key, ip_len, header_len, seq, n - header_len, match
+
+
+# (IP header length, IP+TCP header length) -> the mask of the header bytes that must match.
+_MASKS: dict[int, int] = {}
+
+
+def _mask(ip_len: int, header_len: int) -> int:
+    """Ones over the header but where segments of one run differ: lengths, IPv4
+    identification and checksum, sequence number, PSH, TCP checksum."""
+    mask = bytearray(b"\xff" * header_len)
+    varying = [2, 3, 4, 5, 10, 11] if ip_len == 20 else [4, 5]
+    varying += [ip_len + 4, ip_len + 5, ip_len + 6, ip_len + 7, ip_len + 16, ip_len + 17]
+    for at in varying:
+        mask[at] = 0
+    mask[ip_len + 13] = 0xFF ^ _PSH
+    value = int.from_bytes(mask, "big")
+    _MASKS[header_len - ip_len + ip_len * 256] = value
+    return value
 
 
 def _flow_key(packet: bytes) -> bytes | None:
