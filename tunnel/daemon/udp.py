@@ -20,7 +20,7 @@ import ipaddress
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -190,13 +190,37 @@ class UdpEndpoint:
         receive: see :mod:`tunnel.core.readahead`."""
         if self.gro:
             return self._receive_runs(limit)
-        batch = []
+        batch: list[tuple[bytes, Any]] = []
         recvfrom = self.sock.recvfrom
-        try:
+
+        def take() -> None:
             batch.append(recvfrom(RECV_SIZE))
+
+        self._drain(limit, batch, take)
+        return batch
+
+    def _receive_runs(self, limit: int) -> list[tuple[bytes, Any]]:
+        batch: list[tuple[bytes, Any]] = []
+        recvmsg = self.sock.recvmsg
+
+        def take() -> None:
+            data, ancdata, _, addr = recvmsg(RECV_SIZE, GRO_SPACE)
+            if ancdata:
+                batch.extend((piece, addr) for piece in split_run(data, ancdata))
+            else:
+                batch.append((data, addr))
+
+        self._drain(limit, batch, take)
+        return batch
+
+    def _drain(self, limit: int, batch: list[Any], take: Callable[[], None]) -> None:
+        """``take()`` one receive into ``batch``, then, if a burst is on (see
+        :mod:`tunnel.core.readahead`), more until ``limit`` or until the socket is empty."""
+        try:
+            take()
             if self.read_ahead.should_drain(time.monotonic()):
-                for _ in range(limit - 1):
-                    batch.append(recvfrom(RECV_SIZE))
+                while len(batch) < limit:
+                    take()
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
@@ -204,30 +228,6 @@ class UdpEndpoint:
             # QUIC notices a dead peer by itself.
             pass
         self.read_ahead.last_count = len(batch)
-        return batch
-
-    def _receive_runs(self, limit: int) -> list[tuple[bytes, Any]]:
-        batch: list[tuple[bytes, Any]] = []
-        recvmsg = self.sock.recvmsg
-        try:
-            data, ancdata, _, addr = recvmsg(RECV_SIZE, GRO_SPACE)
-            if ancdata:
-                batch.extend((piece, addr) for piece in split_run(data, ancdata))
-            else:
-                batch.append((data, addr))
-            if self.read_ahead.should_drain(time.monotonic()):
-                while len(batch) < limit:
-                    data, ancdata, _, addr = recvmsg(RECV_SIZE, GRO_SPACE)
-                    if ancdata:
-                        batch.extend((piece, addr) for piece in split_run(data, ancdata))
-                    else:
-                        batch.append((data, addr))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            pass  # as in receive_batch
-        self.read_ahead.last_count = len(batch)
-        return batch
 
     def receive_batch_with_local(self, limit: int) -> list[tuple[bytes, Any, LocalAddress | None]]:
         """:meth:`receive_batch`, each datagram with the local address it was sent to: the
@@ -238,30 +238,19 @@ class UdpEndpoint:
         batch: list[tuple[bytes, Any, LocalAddress | None]] = []
         recvmsg = self.sock.recvmsg
         known = self._locals
-        try:
+        learn = self._learn
+
+        def take() -> None:
             # The kernel puts packet info last (after a run's size): look it up directly,
             # decode only on a miss.
             data, ancdata, _, addr = recvmsg(RECV_SIZE, PKTINFO_SPACE)
-            local = known.get(ancdata[-1][2]) if ancdata else None
-            local = local or self._learn(ancdata)
+            local = (known.get(ancdata[-1][2]) if ancdata else None) or learn(ancdata)
             if ancdata and ancdata[0][0] == SOL_UDP:  # a run's size comes first
                 batch.extend((piece, addr, local) for piece in split_run(data, ancdata))
             else:
                 batch.append((data, addr, local))
-            if self.read_ahead.should_drain(time.monotonic()):
-                while len(batch) < limit:
-                    data, ancdata, _, addr = recvmsg(RECV_SIZE, PKTINFO_SPACE)
-                    local = known.get(ancdata[-1][2]) if ancdata else None
-                    local = local or self._learn(ancdata)
-                    if ancdata and ancdata[0][0] == SOL_UDP:
-                        batch.extend((piece, addr, local) for piece in split_run(data, ancdata))
-                    else:
-                        batch.append((data, addr, local))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            pass  # as in receive_batch
-        self.read_ahead.last_count = len(batch)
+
+        self._drain(limit, batch, take)
         return batch
 
     def _learn(self, ancdata: list[tuple[int, int, bytes]]) -> LocalAddress | None:
