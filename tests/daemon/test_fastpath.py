@@ -206,14 +206,20 @@ def test_anything_but_datagram_frames_is_left_to_aioquic():
     assert _datagram_frames(datagram_frame(b"x" * 90, 2), 100) == [b"x" * 90]
 
 
-def test_receiving_half_reports_datagram_only_packets():
+def test_receiving_half_reports_what_aioquic_has_to_answer():
     client, server, now = connected_pair()
     client.send_datagram_frame(b"x" * 200)
     (packet,) = build_datagram_packets(client, now[0])
     assert receive_datagram_fast(server, packet, CLIENT, now[0]) is Received.DATAGRAMS_ONLY
+    # A heartbeat: a PING (padded), nothing for aioquic's sender but the ACK.
     client.send_ping(7)
     ((ping_packet, _),) = client.datagrams_to_send(now=now[0])
-    assert receive_datagram_fast(server, ping_packet, CLIENT, now[0]) is Received.DONE
+    assert receive_datagram_fast(server, ping_packet, CLIENT, now[0]) is Received.PING_ONLY
+    assert server._spaces[tls.Epoch.ONE_RTT].ack_at is not None
+    # Stream data goes through aioquic's frame handlers.
+    client.send_stream_data(0, b"hello")
+    ((stream_packet, _),) = client.datagrams_to_send(now=now[0])
+    assert receive_datagram_fast(server, stream_packet, CLIENT, now[0]) is Received.DONE
 
 
 # -- the driver sends through aioquic's generic path only when it may have work -------------
@@ -231,6 +237,11 @@ class CountingConnection:
             return original(now=now)
 
         quic.datagrams_to_send = counted  # type: ignore[method-assign]
+
+
+def reply_number(quic: QuicConnection) -> int:
+    """The packet number of the last packet ``quic`` sent."""
+    return quic._packet_number - 1
 
 
 def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypatch):
@@ -264,7 +275,7 @@ def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypa
         assert generic.calls == before + 1
 
     # A packet of datagrams from the peer schedules an ACK but nothing else; the ACK goes
-    # out once it is due.
+    # out once it is due, built by the fast path too, and the peer takes it.
     server.send_datagram_frame(b"q" * 100)
     (reply,) = build_datagram_packets(server, now[0])
     before = generic.calls
@@ -274,7 +285,12 @@ def test_driver_skips_the_generic_sender_when_only_datagrams_are_queued(monkeypa
     now[0] += 0.05
     sent.clear()
     driver.transmit()
-    assert generic.calls == before + 1 and sent  # the ACK
+    assert generic.calls == before and len(sent) == 1  # the ACK
+    server_space = server._spaces[tls.Epoch.ONE_RTT]
+    assert reply_number(server) in server_space.sent_packets
+    server.receive_datagram(sent[0][0], CLIENT, now=now[0])
+    assert reply_number(server) not in server_space.sent_packets  # acknowledged
+    sent.clear()
 
     # Anything else from the peer (here its ACKs) goes through aioquic's sender.
     client.send_datagram_frame(b"r" * 100)

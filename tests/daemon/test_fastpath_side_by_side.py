@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_fastpath import CLIENT, SERVER, connected_pair
 
+from tunnel.daemon.aioquic_private.state import acknowledge_now
 from tunnel.daemon.driver import QuicDriver
 from tunnel.daemon.quic import MAX_DATAGRAM_PAYLOAD
 
@@ -360,6 +361,22 @@ class SideBySide:
         self.plain.client.quic.change_connection_id()
         self.flush()
 
+    def heartbeat(self) -> None:
+        """The client's PING, and the server's ACK at once (``acknowledge_now``, as a server
+        session answers a quiet client): on the fast copy, both without aioquic's sender on
+        the server."""
+        self.seen.add("heartbeat")
+        self.sequence += 1
+        self.fast.client.quic.send_ping(self.sequence)
+        self.plain.client.quic.send_ping(self.sequence)
+        self.flush()
+        wire = self.wire[C2S]
+        while wire:
+            self.deliver(C2S, wire.pop(0))
+        acknowledge_now(self.fast.server.quic, self.clock_fast.now)
+        acknowledge_now(self.plain.server.quic, self.clock_plain.now)
+        self.flush()
+
     def key_update(self, side: str) -> None:
         self.seen.add(f"key update by the {side}")
         getattr(self.fast, side).quic.request_key_update()
@@ -450,6 +467,7 @@ step_kinds = {
     ),
     "key_update": st.tuples(st.just("key_update"), st.sampled_from(["client", "server"])),
     "change_connection_id": st.tuples(st.just("change_connection_id")),
+    "heartbeat": st.tuples(st.just("heartbeat")),
 }
 # Weighted: mostly sending and the network, now and then the rest.
 steps = st.sampled_from(
@@ -459,6 +477,7 @@ steps = st.sampled_from(
     + ["wait"] * 4
     + ["key_update"] * 2
     + ["change_connection_id"]
+    + ["heartbeat"] * 2
 ).flatmap(step_kinds.__getitem__)
 
 
@@ -471,6 +490,7 @@ def run(scenario: SideBySide, sequence: list[tuple[Any, ...]]) -> None:
         "wait": scenario.wait,
         "key_update": scenario.key_update,
         "change_connection_id": scenario.change_connection_id,
+        "heartbeat": scenario.heartbeat,
     }
     try:
         for name, *arguments in sequence:
@@ -541,6 +561,45 @@ def test_a_scripted_scenario_exercises_every_case():
     assert scenario.sequence - 1 <= len(scenario.delivered) < scenario.sequence
     assert fast_server.generic_received < fast_server.received / 4, "the fast path received"
     assert fast_client.generic_sent < fast_client.sent / 4, "the fast path sent"
+
+
+def test_heartbeats_are_acknowledged_by_the_fast_path():
+    """An idle session's heartbeats: the server's fast path takes each PING and builds each
+    ACK, the bytes aioquic would send (the client's PINGs acknowledged in both copies: events
+    compared). With a gap in the ranges, an ACK in a packet whose number is a multiple of 8
+    is left to aioquic, which adds its ACK-of-ACK PING there; the client's answer to it
+    prunes the ranges."""
+    scenario = SideBySide()
+    server = scenario.fast.server
+    space = server.quic._spaces[tls.Epoch.ONE_RTT]
+
+    def heartbeats(count: int) -> tuple[int, set[int]]:
+        generic_before = server.generic_sent
+        ranges = set()
+        for _ in range(count):
+            scenario.wait(10.0, timers=False)
+            scenario.heartbeat()
+            ranges.add(len(space.ack_queue))
+            assert len(scenario.wire[S2C]) == 1, "one ACK per heartbeat"
+            scenario.deliver_all(S2C)
+            scenario.deliver_all(C2S)  # the client's ACK of an ACK-of-ACK PING, if any
+        return server.generic_sent - generic_before, ranges
+
+    received_before, generic_received_before = server.received, server.generic_received
+    assert heartbeats(20) == (0, {1})
+    assert server.received == received_before + 20
+    assert server.generic_received == generic_received_before
+
+    scenario.send([100, 100, 100])
+    scenario.network(C2S, 1, "drop")
+    scenario.deliver_all(C2S)
+    scenario.wait(0.002)
+    scenario.deliver_all(S2C)
+    generic, ranges = heartbeats(12)
+    # aioquic's: the ACK with its ACK-of-ACK PING, then the answer to the client's next
+    # heartbeat, which carried the client's ACK of that PING (a frame aioquic handles).
+    assert generic == 2 and ranges == {1, 2}
+    assert {"heartbeat"} <= scenario.seen
 
 
 def test_the_window_boundary_byte_by_byte():

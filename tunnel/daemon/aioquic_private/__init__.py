@@ -44,7 +44,10 @@ What is used, by object (r: read, w: written, c: called, o: overridden):
     ``_local_max_streams_bidi`` and ``_local_max_streams_uni`` (w), ``_crypto_buffers`` (w:
     replaced by empty ones once the handshake completes), ``_QuicConnection__frame_handlers``
     (w in place: the epoch sets shared between connections), ``_idle_timeout()`` (c),
-    ``_payload_received()`` (c), ``_replenish_connection_ids()`` (o, calling aioquic's).
+    ``_payload_received()`` (c), ``_replenish_connection_ids()`` (o, calling aioquic's),
+    ``_local_ack_delay_exponent`` (r), ``_remote_preferred_address`` (r), ``_pacing_at``
+    (w: after an ACK the fast path sent, as aioquic's sender sets it), ``_on_ack_delivery``
+    (the delivery handler of an ACK the fast path sent).
     Ours, set on the connection: ``_tunnel_one_rtt`` (the 1-RTT space and keys, looked up
     once), ``_tunnel_live_cid`` (``host_cid`` while still issued: the fast receiver's) and,
     on :class:`.state.ResettableConnection`, ``_reset_tokens`` and
@@ -73,7 +76,8 @@ Congestion controller (``_loss._cc``, Reno or CUBIC)
     ``sender._buffer_start``, ``sender._buffer_stop`` (r), ``sender.buffer_is_empty``,
     ``sender.reset_pending``, ``receiver.stop_pending`` (r).
 Internal classes constructed
-    ``QuicSentPacket`` (with our delivery handler for probes), ``QuicReceiveContext``,
+    ``QuicSentPacket`` (with our delivery handler for probes, aioquic's for ACKs),
+    ``QuicReceiveContext``,
     ``Limit``; ``QuicPacketPacer`` subclassed; ``DatagramFrameReceived`` appended to
     ``_events`` directly.
 """

@@ -14,6 +14,9 @@ per send.
   the current, validated path, decrypted (:func:`open_short_packet`), its DATAGRAM frames read
   here (:func:`_datagram_frames`), any other payload handed to aioquic's frame dispatcher, and
   its ACK bookkeeping done as aioquic does it.
+- Acknowledging (:func:`build_ack_packet`): when a due ACK is all there is to send, the
+  ACK-only packet aioquic's builder would make, without the builder. With the receiver taking
+  a lone PING (a heartbeat) itself, an idle session's heartbeat never reaches aioquic.
 - :func:`aioquic_has_work` says when aioquic's own, costlier sender must run as well.
 
 Where the two differ on purpose (tests/daemon/test_fastpath_side_by_side.py holds them to
@@ -37,6 +40,7 @@ from typing import Any
 from aioquic import tls
 from aioquic._crypto import AEAD as _AeadPrimitive
 from aioquic._crypto import HeaderProtection as _HeaderProtection
+from aioquic.buffer import Buffer
 from aioquic.quic.connection import (
     END_STATES,
     NetworkAddress,
@@ -54,6 +58,7 @@ from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
     decode_packet_number,
+    push_ack_frame,
 )
 from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import MAX_ACK_RANGES
@@ -64,6 +69,7 @@ from tunnel.daemon.quic import IDLE_TIMEOUT
 __all__ = [
     "Received",
     "aioquic_has_work",
+    "build_ack_packet",
     "build_datagram_packets",
     "open_short_packet",
     "outgoing_datagrams",
@@ -164,6 +170,27 @@ _DATAGRAM_WITH_LENGTH = 0x31
 _PACKET_OVERHEAD = 11 + 16
 
 
+def _plainly_connected(quic: QuicConnection) -> bool:
+    """Is the connection in the one state the fast senders handle: connected, handshake
+    confirmed, not closing, not logging, one validated path, our 8-byte peer connection IDs?"""
+    return (
+        quic._state is QuicConnectionState.CONNECTED
+        and quic._handshake_confirmed
+        and not quic._close_pending
+        and quic._quic_logger is None
+        and len(quic._network_paths) == 1
+        and quic._network_paths[0].is_validated
+        and len(quic._peer_cid.cid) == 8
+    )
+
+
+def _first_byte(quic: QuicConnection, crypto: CryptoPair) -> int:
+    """A 1-RTT packet's first byte: fixed bit, spin bit, key phase, 2-byte packet number
+    (CryptoPair.key_phase, without the property call unless a key update is pending)."""
+    phase = crypto.key_phase if crypto._update_key_requested else crypto.recv.key_phase
+    return 0x40 | (quic._spin_bit << 5) | (phase << 2) | 1
+
+
 def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     """The DATAGRAM fast path: turn aioquic's pending datagrams into 1-RTT packets ourselves.
 
@@ -178,16 +205,7 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     state on purpose.
     """
     pending = quic._datagrams_pending
-    if (
-        not pending
-        or quic._state is not QuicConnectionState.CONNECTED
-        or not quic._handshake_confirmed
-        or quic._close_pending
-        or quic._quic_logger is not None
-        or len(quic._network_paths) != 1
-        or not quic._network_paths[0].is_validated
-        or len(quic._peer_cid.cid) != 8
-    ):
+    if not pending or not _plainly_connected(quic):
         return []
     space, crypto = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
     if crypto.send.aead is None:
@@ -196,7 +214,6 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     pacer = loss._pacer
     congestion = loss._cc
     path = quic._network_paths[0]
-    first_byte = 0x40 | (quic._spin_bit << 5) | 1  # fixed bit, 2-byte packet number
     peer_cid = quic._peer_cid.cid
     # The size path MTU discovery has set for this connection (pmtu.set_datagram_size).
     frame_room = quic._max_datagram_size - _PACKET_OVERHEAD
@@ -224,15 +241,9 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
             length = bytes((size,)) if size < 64 else (0x4000 | size).to_bytes(2, "big")
             frames.append(b"\x31" + length + data)
         number = quic._packet_number
-        packet = seal_short_packet(
-            crypto,
-            # CryptoPair.key_phase, without the property call unless a key update is pending.
-            first_byte
-            | ((crypto.key_phase if crypto._update_key_requested else crypto.recv.key_phase) << 2),
-            peer_cid,
-            number,
-            b"".join(frames),
-        )
+        # The key phase, per packet: sealing the first after a key update request switches it.
+        first_byte = _first_byte(quic, crypto)
+        packet = seal_short_packet(crypto, first_byte, peer_cid, number, b"".join(frames))
         quic._packet_number = number + 1
         loss.on_packet_sent(
             packet=QuicSentPacket(
@@ -257,12 +268,70 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     return packets
 
 
+# Enough room for far more ACK ranges than the fast path writes (see build_ack_packet).
+_ACK_ROOM = 1 + 4 * 8 + 2 * 16 * 8
+_ACK_FAST_RANGES = 16
+
+
+def build_ack_packet(quic: QuicConnection, now: float) -> bytes | None:
+    """The ACK fast path: the packet aioquic's sender makes when a due ACK of the 1-RTT space
+    is all it has to send, byte for byte (same ACK frame, packet number and protection), and
+    registered as it registers it (a sent packet that is neither ack-eliciting nor in flight,
+    whose delivery prunes the ACK ranges; the pacer). None, having touched nothing, when no ACK
+    is due or in any case this does not cover: then aioquic sends it. The caller makes sure
+    nothing else is queued (:func:`outgoing_datagrams`)."""
+    if not _plainly_connected(quic) or quic._remote_preferred_address is not None:
+        return None
+    space, crypto = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
+    ack_at = space.ack_at
+    if ack_at is None or ack_at > now or crypto.send.aead is None:
+        return None
+    ack_queue = space.ack_queue
+    number = quic._packet_number
+    ranges = len(ack_queue)  # (a RangeSet has no truth value)
+    # aioquic adds a PING to every eighth packet whose ACK has gaps, so that the peer
+    # acknowledges it and the ranges can be pruned; and it bounds the ranges by the room left
+    # in the packet, which only matters for far more than these.
+    if not 0 < ranges <= _ACK_FAST_RANGES or (ranges > 1 and number % 8 == 0):
+        return None
+    delay = int((now - space.largest_received_time) * 1000000) >> quic._local_ack_delay_exponent
+    frame = Buffer(capacity=_ACK_ROOM)
+    frame.push_uint_var(QuicFrameType.ACK)
+    push_ack_frame(frame, ack_queue, delay, _ACK_ROOM)
+    packet = seal_short_packet(
+        crypto, _first_byte(quic, crypto), quic._peer_cid.cid, number, frame.data
+    )
+    quic._packet_number = number + 1
+    sent = QuicSentPacket(
+        epoch=_ONE_RTT,
+        in_flight=False,
+        is_ack_eliciting=False,
+        is_crypto_packet=False,
+        packet_number=number,
+        packet_type=QuicPacketType.ONE_RTT,
+        sent_time=now,
+        sent_bytes=len(packet),
+    )
+    sent.delivery_handlers.append((quic._on_ack_delivery, (space, space.largest_received_packet)))
+    quic._loss.on_packet_sent(packet=sent, space=space)
+    space.ack_at = None
+    pacer = quic._loss._pacer
+    pacer.update_after_send(now=now)
+    # aioquic's sender then asks the pacer whether its next packet may go, and keeps the answer
+    # for its timer.
+    quic._pacing_at = pacer.next_send_time(now=now)
+    quic._network_paths[0].bytes_sent += len(packet)
+    return packet
+
+
 class Received(enum.IntEnum):
     """What :func:`receive_datagram_fast` did with a datagram."""
 
     NOT_OURS = 0  # untouched: hand it to aioquic
     DONE = 1  # received (or dropped, as aioquic would have)
-    DATAGRAMS_ONLY = 2  # received, and it held nothing but DATAGRAM frames
+    # Received, and aioquic's sender has nothing to do for it but the ACK:
+    DATAGRAMS_ONLY = 2  # it held nothing but DATAGRAM frames
+    PING_ONLY = 3  # it held a PING and nothing else (PADDING aside): a heartbeat
 
 
 def _datagram_frames(payload: bytes, max_frame_size: int | None) -> list[bytes] | None:
@@ -361,7 +430,13 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
         for datagram in datagrams:
             events.append(DatagramFrameReceived(data=datagram))
         ack_eliciting = True
+        outcome = Received.DATAGRAMS_ONLY
+    elif payload.strip(b"\x00") == b"\x01":
+        # A PING, padded: aioquic's handler for it does nothing; the packet is ack-eliciting.
+        ack_eliciting = True
+        outcome = Received.PING_ONLY
     else:
+        outcome = Received.DONE
         context = QuicReceiveContext(
             epoch=_ONE_RTT,
             host_cid=quic.host_cid,
@@ -398,7 +473,7 @@ def receive_datagram_fast(quic: QuicConnection, data: bytes, addr: Any, now: flo
             space.ack_queue.shift()
         if ack_eliciting and space.ack_at is None:
             space.ack_at = now + quic._ack_delay
-    return Received.DONE if datagrams is None else Received.DATAGRAMS_ONLY
+    return outcome
 
 
 def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
@@ -410,6 +485,15 @@ def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
     connection-ID change) and what the fast path leaves behind (datagrams it could not send,
     a due ACK). Everything aioquic queues by itself, from received packets or its timer, is
     covered by the driver's own flag."""
+    if _queued_beside_ack(quic):
+        return True
+    space, _ = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
+    ack_at = space.ack_at
+    return ack_at is not None and ack_at <= now
+
+
+def _queued_beside_ack(quic: QuicConnection) -> bool:
+    """:func:`aioquic_has_work` but for a due ACK."""
     if (
         quic._datagrams_pending
         or quic._close_pending
@@ -419,10 +503,6 @@ def aioquic_has_work(quic: QuicConnection, now: float) -> bool:
         or quic._state is not QuicConnectionState.CONNECTED
         or not quic._handshake_confirmed
     ):
-        return True
-    space, _ = quic.__dict__.get("_tunnel_one_rtt") or _remember_one_rtt(quic)
-    ack_at = space.ack_at
-    if ack_at is not None and ack_at <= now:
         return True
     for stream in quic._streams.values():
         sender = stream.sender
@@ -439,14 +519,21 @@ def outgoing_datagrams(
 
     The fast path's packets come first, then, if ``aioquic_due`` (aioquic itself may have
     queued something: the driver's flag) or :func:`aioquic_has_work`, whatever aioquic's own
-    ``datagrams_to_send`` returns, datagrams the fast path left included. What neither could
+    ``datagrams_to_send`` returns, datagrams the fast path left included; a due ACK that is
+    all there is goes through :func:`build_ack_packet` instead. What neither could
     send yet (congestion, pacing) waits for an ACK or the timer, each of which sets the
     driver's flag again."""
     fast = build_datagram_packets(quic, now)
-    if aioquic_due or aioquic_has_work(quic, now):
+    datagrams = []
+    if aioquic_due or _queued_beside_ack(quic):
         datagrams = quic.datagrams_to_send(now=now)
     else:
-        datagrams = []
+        # Nothing queued but perhaps the ACK, which goes out on its own as aioquic would send it.
+        ack = build_ack_packet(quic, now)
+        if ack is not None:
+            fast.append(ack)
+        elif aioquic_has_work(quic, now):  # a due ACK the fast path leaves to aioquic
+            datagrams = quic.datagrams_to_send(now=now)
     paths = quic._network_paths
     path = paths[0] if paths else None
     if fast:
