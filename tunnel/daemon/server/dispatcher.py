@@ -165,10 +165,13 @@ class Dispatcher:
                 if len(batch) < UDP_BATCH:
                     break
             if backlog:
-                self.collector.hold(now)
                 self._start_waiting(now, received)
+            # A storm lasts as long as handshakes wait or are under way (most of a handshake's
+            # work comes after it left the backlog).
+            if backlog or self.gate.pending_total:
+                self.collector.hold(now)
             else:
-                self.collector.release(now)
+                self.collector.quiet(now)
             writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
