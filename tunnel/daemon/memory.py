@@ -53,47 +53,25 @@ class CollectorPause:
     cycles pile up for ever), after which it stays on for as long again.
     """
 
-    def __init__(
-        self, longest: float = 30.0, settle: float = 2.0, collect_after: int = 50_000
-    ) -> None:
+    def __init__(self, longest: float = 30.0) -> None:
         self.longest = longest
-        self.settle = settle
-        # Objects allocated while paused (net) beyond which the release collects at once.
-        self.collect_after = collect_after
         self._paused_at: float | None = None
-        self._cut_short_at = -math.inf
-        self._held_at = -math.inf
+        self._resumed_at = -math.inf
         self.pauses = 0
 
     def hold(self, now: float) -> None:
-        """Handshakes are waiting or under way: keep the collector off, within the bound."""
-        self._held_at = now
+        """Handshakes are waiting: keep the collector off, within the bound."""
         if self._paused_at is None:
-            if now - self._cut_short_at >= self.longest and gc.isenabled():
+            if now - self._resumed_at >= self.longest and gc.isenabled():
                 gc.disable()
                 self._paused_at = now
                 self.pauses += 1
         elif now - self._paused_at >= self.longest:
             self.release(now)
-            self._cut_short_at = now
-
-    def quiet(self, now: float) -> None:
-        """No handshake is waiting or under way. A storm has gaps between its waves (clients
-        answering Retries, retransmitting): only after ``settle`` seconds of quiet is it over,
-        or the collections it held back would run in its midst, one per gap, each longer than
-        the last as the heap grows."""
-        if self._paused_at is not None and now - self._held_at >= self.settle:
-            self.release(now)
 
     def release(self, now: float) -> None:
-        """The storm is over (or lasted too long, or the server stops): the collector runs
-        again."""
+        """The storm is over (or lasted too long): the collector runs again."""
         if self._paused_at is not None:
             self._paused_at = None
+            self._resumed_at = now
             gc.enable()
-            if gc.get_count()[0] >= self.collect_after:
-                # A storm's survivors are all young: left to the thresholds, they would be
-                # walked three times (the young generation, the middle one, then a full
-                # collection once they count as a quarter of the old). One full collection
-                # walks them once, now, between the storm and what comes after it.
-                gc.collect()

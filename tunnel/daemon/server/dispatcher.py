@@ -165,13 +165,10 @@ class Dispatcher:
                 if len(batch) < UDP_BATCH:
                     break
             if backlog:
-                self._start_waiting(now, received)
-            # A storm lasts as long as handshakes wait or are under way (most of a handshake's
-            # work comes after it left the backlog).
-            if backlog or self.gate.pending_total:
                 self.collector.hold(now)
+                self._start_waiting(now, received)
             else:
-                self.collector.quiet(now)
+                self.collector.release(now)
             writes = tun.writes
             for session in received:
                 session.driver.deliver_events()
