@@ -75,6 +75,7 @@ __all__ = [
     "outgoing_datagrams",
     "receive_datagram_fast",
     "seal_short_packet",
+    "send_short_packet",
 ]
 
 
@@ -191,6 +192,43 @@ def _first_byte(quic: QuicConnection, crypto: CryptoPair) -> int:
     return 0x40 | (quic._spin_bit << 5) | (phase << 2) | 1
 
 
+def send_short_packet(
+    quic: QuicConnection,
+    crypto: CryptoPair,
+    space: Any,
+    payload: bytes,
+    now: float,
+    *,
+    in_flight: bool,
+    ack_eliciting: bool,
+    delivery_handlers: list[tuple[Any, Any]] | None = None,
+) -> bytes:
+    """Seal ``payload`` as the connection's next 1-RTT packet and register it with aioquic's
+    loss recovery as its builder registers a packet it sent: the packet number taken, a
+    sent-packet record (with ``delivery_handlers``) in ``space``."""
+    number = quic._packet_number
+    # The key phase, per packet: sealing the first after a key update request switches it.
+    packet = seal_short_packet(
+        crypto, _first_byte(quic, crypto), quic._peer_cid.cid, number, payload
+    )
+    quic._packet_number = number + 1
+    quic._loss.on_packet_sent(
+        packet=QuicSentPacket(
+            epoch=_ONE_RTT,
+            in_flight=in_flight,
+            is_ack_eliciting=ack_eliciting,
+            is_crypto_packet=False,
+            packet_number=number,
+            packet_type=QuicPacketType.ONE_RTT,
+            sent_time=now,
+            sent_bytes=len(packet),
+            delivery_handlers=delivery_handlers or [],
+        ),
+        space=space,
+    )
+    return packet
+
+
 def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     """The DATAGRAM fast path: turn aioquic's pending datagrams into 1-RTT packets ourselves.
 
@@ -214,7 +252,6 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
     pacer = loss._pacer
     congestion = loss._cc
     path = quic._network_paths[0]
-    peer_cid = quic._peer_cid.cid
     # The size path MTU discovery has set for this connection (pmtu.set_datagram_size).
     frame_room = quic._max_datagram_size - _PACKET_OVERHEAD
     packets: list[bytes] = []
@@ -240,23 +277,8 @@ def build_datagram_packets(quic: QuicConnection, now: float) -> list[bytes]:
             size = len(data)
             length = bytes((size,)) if size < 64 else (0x4000 | size).to_bytes(2, "big")
             frames.append(b"\x31" + length + data)
-        number = quic._packet_number
-        # The key phase, per packet: sealing the first after a key update request switches it.
-        first_byte = _first_byte(quic, crypto)
-        packet = seal_short_packet(crypto, first_byte, peer_cid, number, b"".join(frames))
-        quic._packet_number = number + 1
-        loss.on_packet_sent(
-            packet=QuicSentPacket(
-                epoch=_ONE_RTT,
-                in_flight=True,
-                is_ack_eliciting=True,
-                is_crypto_packet=False,
-                packet_number=number,
-                packet_type=QuicPacketType.ONE_RTT,
-                sent_time=now,
-                sent_bytes=len(packet),
-            ),
-            space=space,
+        packet = send_short_packet(
+            quic, crypto, space, b"".join(frames), now, in_flight=True, ack_eliciting=True
         )
         if not quic._ack_eliciting_sent_since_receipt:
             # Restart the idle timer, as aioquic does for its first ack-eliciting packet.
@@ -298,22 +320,16 @@ def build_ack_packet(quic: QuicConnection, now: float) -> bytes | None:
     frame = Buffer(capacity=_ACK_ROOM)
     frame.push_uint_var(QuicFrameType.ACK)
     push_ack_frame(frame, ack_queue, delay, _ACK_ROOM)
-    packet = seal_short_packet(
-        crypto, _first_byte(quic, crypto), quic._peer_cid.cid, number, frame.data
-    )
-    quic._packet_number = number + 1
-    sent = QuicSentPacket(
-        epoch=_ONE_RTT,
+    packet = send_short_packet(
+        quic,
+        crypto,
+        space,
+        frame.data,
+        now,
         in_flight=False,
-        is_ack_eliciting=False,
-        is_crypto_packet=False,
-        packet_number=number,
-        packet_type=QuicPacketType.ONE_RTT,
-        sent_time=now,
-        sent_bytes=len(packet),
+        ack_eliciting=False,
+        delivery_handlers=[(quic._on_ack_delivery, (space, space.largest_received_packet))],
     )
-    sent.delivery_handlers.append((quic._on_ack_delivery, (space, space.largest_received_packet)))
-    quic._loss.on_packet_sent(packet=sent, space=space)
     space.ack_at = None
     pacer = quic._loss._pacer
     pacer.update_after_send(now=now)

@@ -34,10 +34,10 @@ from typing import Any, Protocol
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.congestion.base import K_MINIMUM_WINDOW
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicDeliveryState, QuicSentPacket
 
-from tunnel.daemon.aioquic_private.fastpath import _ONE_RTT, _remember_one_rtt, seal_short_packet
+from tunnel.daemon.aioquic_private.fastpath import _remember_one_rtt, send_short_packet
 
 __all__ = [
     "LARGEST_DATAGRAM_SIZE",
@@ -105,25 +105,16 @@ def send_probe(
     # PING first, then PADDING (zero bytes) to the end: the receiver's PADDING handler
     # consumes every zero byte that follows.
     payload = _PING + bytes(size - header_size - crypto.aead_tag_size - len(_PING))
-    number = quic._packet_number
-    # Fixed bit, spin bit, key phase, 2-byte packet number: the header aioquic writes.
-    first_byte = 0x40 | (int(quic._spin_bit) << 5) | (crypto.key_phase << 2) | 1
-    packet = seal_short_packet(crypto, first_byte, peer_cid, number, payload)
-    quic._packet_number = number + 1
-    quic._loss.on_packet_sent(
-        packet=QuicSentPacket(
-            epoch=_ONE_RTT,
-            # Outside congestion control and the PTO: see the module docstring.
-            in_flight=False,
-            is_ack_eliciting=False,
-            is_crypto_packet=False,
-            packet_number=number,
-            packet_type=QuicPacketType.ONE_RTT,
-            sent_time=now,
-            sent_bytes=len(packet),
-            delivery_handlers=[(_probe_delivered, (size, on_result))],
-        ),
-        space=space,
+    packet = send_short_packet(
+        quic,
+        crypto,
+        space,
+        payload,
+        now,
+        # Outside congestion control and the PTO: see the module docstring.
+        in_flight=False,
+        ack_eliciting=False,
+        delivery_handlers=[(_probe_delivered, (size, on_result))],
     )
     if not quic._ack_eliciting_sent_since_receipt:
         # The peer will answer a PING: restart the idle timer as aioquic does (RFC 9000 10.1).
